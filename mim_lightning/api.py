@@ -1,0 +1,104 @@
+"""The Python API that the entry points use too: build the pieces of a run from a composed config.
+
+    from mim_lightning import compose, build_pretrain_module
+    cfg = compose("pretrain", ["method=mae", "backbone=vit_b"])
+    module = build_pretrain_module(cfg)      # a LightningModule; module.model is a plain nn.Module
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from mim_lightning.callbacks.checkpoint import SeedPerRank
+from mim_lightning.checkpoint_io import AtomicCheckpointIO
+from mim_lightning.config import instantiate_checked, to_container
+from mim_lightning.errors import ConfigError
+from mim_lightning.masking import MaskGenerator
+
+
+def build_mask_generator(cfg: DictConfig) -> MaskGenerator | None:
+    """The ``mask`` group's generator, or None when the method draws masks itself (``mask=null``)."""
+    node = cfg.get("mask")
+    return None if node is None else instantiate_checked(node)
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """The ``data`` group's DataModule, with the ``mask`` group's generator in its transforms."""
+    return instantiate_checked(cfg.data, mask_generator=build_mask_generator(cfg))
+
+
+def build_pretrain_module(cfg: DictConfig) -> pl.LightningModule:
+    """The ``method`` group's pretraining LightningModule (``module.model`` is the plain model).
+
+    The resolved config is stored in the module's hyper-parameters and so in every checkpoint.
+    """
+    factory = instantiate_checked(cfg.method, _partial_=True, _convert_="all")
+    try:
+        return factory(config=to_container(cfg))
+    except Exception as exc:  # noqa: BLE001
+        from mim_lightning.config import as_config_error
+
+        error = as_config_error(exc)
+        if error is not None:
+            raise error from None
+        raise
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    callbacks = [instantiate_checked(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    return callbacks + [SeedPerRank(cfg.seed)]
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate_checked(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
+    """The Lightning Trainer of the ``trainer`` group, with the run's callbacks and loggers.
+
+    Checkpoints are written atomically; the DataModules shard data by rank themselves, so Lightning's
+    sampler replacement is off.
+    """
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    plugins = [] if "fsdp" in strategy else [AtomicCheckpointIO()]
+    loggers = build_loggers(cfg)
+    kwargs = dict(callbacks=build_callbacks(cfg), logger=loggers if loggers else False, plugins=plugins,
+                  use_distributed_sampler=False)
+    kwargs.update(overrides)
+    return instantiate_checked(cfg.trainer, **kwargs)
+
+
+@rank_zero_only
+def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config to ``<run_dir>/config.yaml`` (the exact settings of the run)."""
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))
+    return path
+
+
+def resolve_ckpt_path(value: str | None) -> str | None:
+    if value in (None, "", "null"):
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ConfigError("ckpt_path", str(value), "the path of an existing .ckpt file to resume from", "no such file")
+    return str(path)
+
+
+def pretrain(cfg: DictConfig) -> pl.Trainer:
+    """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    datamodule = build_datamodule(cfg)
+    module = build_pretrain_module(cfg)
+    trainer = build_trainer(cfg)
+    if trainer.is_global_zero:
+        save_run_config(cfg, cfg.run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer

@@ -1,0 +1,72 @@
+"""Save reconstruction grids of a fixed set of validation images as PNG files in the run folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
+from torch.utils.data import default_collate
+
+from mim_lightning.visualize import panels_to_grid, reconstruction_panels
+
+
+class ReconstructionImages(Callback):
+    """Every ``every_n_steps`` optimizer steps and when training ends, run the model on the first
+    ``num_images`` validation images with their fixed masks and write
+    ``<dirpath>/step_<step>.png`` (rows: images; columns: original, masked, prediction, pasted).
+    """
+
+    def __init__(self, dirpath: str, num_images: int = 4, every_n_steps: int = 0) -> None:
+        self.dirpath = Path(dirpath)
+        self.num_images = int(num_images)
+        self.every_n_steps = int(every_n_steps)
+        self._batch: dict | None = None
+        self.last_path: Path | None = None
+        self._saved_step = -1
+
+    def _fixed_batch(self, trainer: pl.Trainer) -> dict | None:
+        if self._batch is None:
+            datamodule = trainer.datamodule
+            dataset = getattr(datamodule, "val_dataset", None) or getattr(datamodule, "train_dataset", None)
+            if dataset is None:
+                return None
+            count = min(self.num_images, len(dataset))
+            self._batch = default_collate([dataset[(i, 0)] for i in range(count)])
+        return self._batch
+
+    @rank_zero_only
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        batch = self._fixed_batch(trainer)
+        if batch is None or self.num_images <= 0:
+            return None
+        images = batch["images"].to(pl_module.device)
+        mask = batch.get("mask")
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            output = pl_module.model(images, mask=None if mask is None else mask.to(pl_module.device))
+        pl_module.train(was_training)
+        datamodule = trainer.datamodule
+        panels = reconstruction_panels(images, output.pred, output.mask, datamodule.mean, datamodule.std)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"step_{trainer.global_step:07d}.png"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        Image.fromarray(panels_to_grid(panels)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        self.last_path = path
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._saved_step:
+            self._saved_step = step
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._saved_step:
+            self.save(trainer, pl_module)

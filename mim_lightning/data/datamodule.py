@@ -1,0 +1,134 @@
+"""The pretraining DataModule: a source of images, a train/val split, and mask-generating transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mim_lightning.data.datasets import ImageDataset
+from mim_lightning.data.sampler import EpochIndexSampler
+from mim_lightning.data.sources import ImageFolderSource, Sample
+from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MIMTransform, eval_image_transform, pretrain_image_transform
+from mim_lightning.errors import ConfigError
+from mim_lightning.masking import MaskGenerator
+
+
+def split_train_val(samples: Sequence[Sample], val_fraction: float, val_max: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A seeded, deterministic split; at least one validation image when ``val_fraction > 0`` and
+    there are two or more images, and never all of them."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", val_fraction, "a number in [0, 1), e.g. 0.01")
+    count = len(samples)
+    num_val = min(int(round(count * val_fraction)), int(val_max), count - 1)
+    if val_fraction > 0 and count >= 2:
+        num_val = max(num_val, 1)
+    order = np.random.default_rng(seed).permutation(count)
+    val_ids = set(order[:num_val].tolist())
+    train = [s for i, s in enumerate(samples) if i not in val_ids]
+    val = [s for i, s in enumerate(samples) if i in val_ids]
+    return train, val
+
+
+class PretrainDataModule(pl.LightningDataModule):
+    """Images for self-supervised pretraining, with the method's mask drawn in the transform.
+
+    Args:
+        source: where the images are (``ImageFolderSource``, ``ClassFolderSource``, ``DemoSource``).
+        root: the folder to read, given as ``data.root=...``; replaces the source's own root when set.
+        image_size: crop size in pixels.
+        batch_size: per-device batch size.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader settings (pinning only
+            when CUDA is present; persistence and prefetch only with workers).
+        val_fraction, val_max_images: held-out images for ``val/loss`` (centre crops, fixed masks).
+        repeat: passes over the image list per epoch (for tiny datasets; each pass has new crops/masks).
+        crop_scale, crop_ratio, hflip, interpolation, mean, std: the augmentation (MAE's by default).
+        seed: the run seed; data order, crops and masks derive from it.
+        mask_generator: draws each sample's mask (None: the model draws its own).
+    """
+
+    def __init__(self, source: ImageFolderSource, root: str | None = None, image_size: int = 224, batch_size: int = 64, num_workers: int = 8,
+                 pin_memory: bool = True, persistent_workers: bool = True, prefetch_factor: int | None = 2,
+                 val_fraction: float = 0.01, val_max_images: int = 1000, repeat: int = 1,
+                 crop_scale: Sequence[float] = (0.2, 1.0), crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 interpolation: str = "bicubic", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 seed: int = 0, mask_generator: MaskGenerator | None = None) -> None:
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ConfigError("data.batch_size", batch_size, "a positive integer")
+        if int(num_workers) < 0:
+            raise ConfigError("data.num_workers", num_workers, "0 or more")
+        if root is not None:
+            source.root = root
+        self.source = source
+        self.image_size = image_size
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.prefetch_factor = prefetch_factor
+        self.val_fraction = float(val_fraction)
+        self.val_max_images = int(val_max_images)
+        self.repeat = int(repeat)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.seed = int(seed)
+        self.mask_generator = mask_generator
+        self.train_transform = MIMTransform(
+            pretrain_image_transform(image_size, crop_scale, crop_ratio, hflip, interpolation, self.mean, self.std), mask_generator)
+        self.val_transform = MIMTransform(eval_image_transform(image_size, interpolation, self.mean, self.std), mask_generator)
+        self.train_dataset: ImageDataset | None = None
+        self.val_dataset: ImageDataset | None = None
+        self.classes: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        samples = self.source.samples()
+        self.classes = list(self.source.classes)
+        train, val = split_train_val(samples, self.val_fraction, self.val_max_images, self.seed)
+        self.train_dataset = ImageDataset(train, self.train_transform, seed=self.seed, repeat=self.repeat)
+        self.val_dataset = ImageDataset(val, self.val_transform, seed=self.seed + 1) if val else None
+
+    def num_skipped(self) -> int:
+        """Unreadable files found so far (skipped, not fatal)."""
+        return sum(ds.num_bad() for ds in (self.train_dataset, self.val_dataset) if ds is not None)
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, dataset: ImageDataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        rank, world = self._rank_and_world()
+        sampler = EpochIndexSampler(len(dataset), shuffle=shuffle, seed=self.seed, rank=rank, world_size=world)
+        workers = self.num_workers
+        extra: dict[str, Any] = {}
+        if workers > 0:
+            extra["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor is not None:
+                extra["prefetch_factor"] = int(self.prefetch_factor)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
+                          pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=drop_last, **extra)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        assert self.train_dataset is not None
+        per_rank = len(self.train_dataset) // self._rank_and_world()[1]
+        if per_rank < self.batch_size:
+            raise ConfigError(
+                "data.batch_size", self.batch_size,
+                f"at most the {per_rank} training images per device (lower data.batch_size or raise data.repeat)",
+                "larger than the training set, so an epoch would have no batch")
+        return self._loader(self.train_dataset, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, shuffle=False, drop_last=False)

@@ -1,0 +1,199 @@
+"""Mask generators.
+
+Every generator returns a boolean grid, ``True`` = hidden, on the grid of *model patches* (the
+grid the method's model consumes, see DESIGN.md §3). Masks are drawn on a coarser grid of *mask
+units* (``unit`` pixels, a multiple of the model patch) and expanded, which is how SimMIM builds
+its 32px masks for a 4px Swin patch; MAE is the special case ``unit == patch_size``.
+
+Generators are plain classes driven by a ``numpy.random.Generator``, so the data transform can
+seed them per sample (``(seed, epoch, index)``) and a mask stream is reproducible across machines,
+worker counts and resumes. :func:`random_mask` is the in-model, on-device torch equivalent of
+MAE's ``random_masking`` for a model called with ``mask=None``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from mim_lightning.errors import ConfigError
+
+
+def to_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """``224 -> (224, 224)``; ``(192, 256)`` stays as it is."""
+    if isinstance(size, int):
+        return (size, size)
+    height, width = size
+    return (int(height), int(width))
+
+
+def check_ratio(ratio: float, key: str = "mask.ratio") -> float:
+    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        raise ConfigError(key, ratio, "a number strictly between 0 and 1, e.g. 0.75")
+    return float(ratio)
+
+
+def check_divisible(size: int | Sequence[int], divisor: int, key: str, divisor_name: str) -> tuple[int, int]:
+    """Raise unless both sides of ``size`` are positive multiples of ``divisor``."""
+    pair = to_pair(size)
+    if divisor <= 0 or any(side <= 0 or side % divisor for side in pair):
+        shown = pair[0] if pair[0] == pair[1] else pair
+        raise ConfigError(key, shown, f"a multiple of {divisor_name}={divisor}", f"not divisible by {divisor}")
+    return pair
+
+
+class MaskGenerator:
+    """Base class: a per-sample mask on the model-patch grid, drawn on the mask-unit grid.
+
+    Args:
+        input_size: image size in pixels (int or (H, W)).
+        patch_size: the model's patch size in pixels; the returned grid is ``input_size / patch_size``.
+        ratio: the fraction of mask units to hide, in (0, 1).
+        unit: the mask unit in pixels, a multiple of ``patch_size`` (default: ``patch_size``).
+    """
+
+    def __init__(self, input_size: int | Sequence[int], patch_size: int, ratio: float, unit: int | None = None) -> None:
+        self.ratio = check_ratio(ratio)
+        self.patch_size = int(patch_size)
+        self.unit = int(unit) if unit is not None else self.patch_size
+        self.input_size = check_divisible(input_size, self.patch_size, "data.image_size", "backbone.patch_size")
+        if self.unit <= 0 or self.unit % self.patch_size:
+            raise ConfigError(
+                "mask.unit", self.unit, f"a multiple of the model patch size {self.patch_size} "
+                f"({self.patch_size}, {2 * self.patch_size}, {4 * self.patch_size}, ...)", "not a multiple of the patch")
+        check_divisible(self.input_size, self.unit, "data.image_size", "mask.unit")
+        self.scale = self.unit // self.patch_size
+        self.unit_grid = (self.input_size[0] // self.unit, self.input_size[1] // self.unit)
+        self.grid = (self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size)
+        self.num_units = self.unit_grid[0] * self.unit_grid[1]
+        self.num_hidden_units = self._hidden_count()
+        if not 0 < self.num_hidden_units < self.num_units:
+            raise ConfigError(
+                "mask.ratio", self.ratio, f"a ratio that hides between 1 and {self.num_units - 1} of the "
+                f"{self.num_units} mask units", f"hides {self.num_hidden_units} of {self.num_units} units")
+
+    def _hidden_count(self) -> int:
+        raise NotImplementedError
+
+    def sample_units(self, rng: np.random.Generator) -> np.ndarray:
+        """A bool array of shape ``unit_grid`` with exactly ``num_hidden_units`` True."""
+        raise NotImplementedError
+
+    @property
+    def num_hidden(self) -> int:
+        """Hidden model patches per mask (the ratio actually applied is ``num_hidden / prod(grid)``)."""
+        return self.num_hidden_units * self.scale * self.scale
+
+    @property
+    def applied_ratio(self) -> float:
+        return self.num_hidden_units / self.num_units
+
+    def expand(self, units: np.ndarray) -> np.ndarray:
+        """Unit grid -> model-patch grid (each unit becomes ``scale x scale`` patches)."""
+        if self.scale == 1:
+            return units
+        return units.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
+
+    def __call__(self, rng: np.random.Generator | None = None) -> np.ndarray:
+        rng = rng if rng is not None else np.random.default_rng()
+        return self.expand(self.sample_units(rng))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(input_size={self.input_size}, patch_size={self.patch_size}, "
+                f"unit={self.unit}, ratio={self.ratio}, grid={self.grid}, hidden={self.num_hidden})")
+
+
+class RandomMask(MaskGenerator):
+    """MAE's per-sample uniform random mask: keeps exactly ``int(L * (1 - ratio))`` units.
+
+    Matches ``random_masking`` in facebookresearch/mae (``len_keep = int(L * (1 - mask_ratio))``).
+    """
+
+    def _hidden_count(self) -> int:
+        return self.num_units - int(self.num_units * (1.0 - self.ratio))
+
+    def sample_units(self, rng: np.random.Generator) -> np.ndarray:
+        flat = np.zeros(self.num_units, dtype=bool)
+        flat[rng.permutation(self.num_units)[: self.num_hidden_units]] = True
+        return flat.reshape(self.unit_grid)
+
+
+class SimMIMMask(RandomMask):
+    """SimMIM's ``MaskGenerator``: hides ``ceil(L * ratio)`` random mask units (default 32px units).
+
+    The count rule differs from MAE's by rounding (``ceil`` of the hidden count instead of ``floor``
+    of the kept count), as in microsoft/SimMIM ``data/data_simmim.py``.
+    """
+
+    def _hidden_count(self) -> int:
+        return int(math.ceil(self.num_units * self.ratio))
+
+
+class BlockMask(MaskGenerator):
+    """BEiT's block-wise mask: rectangles of random area and aspect until ``round(L * ratio)`` are hidden.
+
+    Follows BEiT's ``MaskingGenerator`` (blocks of ``min_block``..``max_block`` units with aspect in
+    ``[min_aspect, 1/min_aspect]``, up to 10 tries per block). BEiT may stop a few units short when it
+    cannot place another block; here the remainder is hidden uniformly at random so every sample has
+    the same count, which methods that drop hidden tokens (MAE, iTPN) need to batch.
+    """
+
+    def __init__(self, input_size: int | Sequence[int], patch_size: int, ratio: float, unit: int | None = None,
+                 min_block: int = 16, max_block: int | None = None, min_aspect: float = 0.3) -> None:
+        super().__init__(input_size, patch_size, ratio, unit)
+        if min_aspect <= 0:
+            raise ConfigError("mask.min_aspect", min_aspect, "a positive number such as 0.3")
+        self.min_block = max(1, min(int(min_block), self.num_hidden_units))
+        self.max_block = self.num_hidden_units if max_block is None else max(self.min_block, int(max_block))
+        self.log_aspect = (math.log(min_aspect), math.log(1.0 / min_aspect))
+
+    def _hidden_count(self) -> int:
+        return int(round(self.num_units * self.ratio))
+
+    def _place_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
+        height, width = mask.shape
+        for _ in range(10):
+            area = rng.uniform(self.min_block, max(self.min_block, budget))
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if 0 < h < height and 0 < w < width:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                window = mask[top: top + h, left: left + w]
+                added = h * w - int(window.sum())
+                if 0 < added <= budget:
+                    window[...] = True
+                    return added
+        return 0
+
+    def sample_units(self, rng: np.random.Generator) -> np.ndarray:
+        mask = np.zeros(self.unit_grid, dtype=bool)
+        count = 0
+        while count < self.num_hidden_units:
+            added = self._place_block(mask, min(self.num_hidden_units - count, self.max_block), rng)
+            if added == 0:
+                break
+            count += added
+        if count < self.num_hidden_units:
+            free = np.flatnonzero(~mask.reshape(-1))
+            chosen = rng.choice(free, size=self.num_hidden_units - count, replace=False)
+            mask.reshape(-1)[chosen] = True
+        return mask
+
+
+def random_mask(batch_size: int, grid: tuple[int, int], ratio: float, device: torch.device | str | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """On-device MAE masking: per sample, hide all but ``int(L * (1 - ratio))`` random patches.
+
+    The same rule as ``mae:models_mae.py random_masking`` (uniform noise, argsort), returned as the
+    bool grid ``(B, gh, gw)`` of the DESIGN contract.
+    """
+    length = grid[0] * grid[1]
+    keep = int(length * (1.0 - ratio))
+    noise = torch.rand(batch_size, length, device=device, generator=generator)
+    rank = noise.argsort(dim=1).argsort(dim=1)
+    return (rank >= keep).reshape(batch_size, *grid)

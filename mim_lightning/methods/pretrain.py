@@ -1,0 +1,138 @@
+"""The pretraining LightningModule shared by every method.
+
+A method is a model (``model(images, mask) -> MIMOutput``) plus an optimizer recipe; this module
+turns the recipe into AdamW parameter groups, the scaled learning rate and a per-step schedule,
+and logs ``train/loss``, ``train/lr``, ``train/grad_norm`` and ``val/loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from mim_lightning.errors import ConfigError
+from mim_lightning.optim import param_groups, scaled_lr, warmup_cosine_factor
+
+DEFAULT_LR = {
+    "base": 1.5e-4,
+    "base_batch_size": 256,
+    "value": None,
+    "min": 0.0,
+    "warmup_epochs": 40.0,
+    "warmup_steps": None,
+    "warmup_start": 0.0,
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops instead of training on garbage."""
+
+
+class PretrainModule(pl.LightningModule):
+    """Self-supervised pretraining of ``model`` with its method's optimizer recipe.
+
+    Args:
+        model: the method's model; ``model(images, mask=None)`` returns a :class:`MIMOutput`.
+        optimizer: a partial optimizer constructor (``torch.optim.AdamW`` with betas, eps) that takes
+            parameter groups and ``lr``.
+        weight_decay: decay of the decayed group.
+        no_weight_decay: the rule that picks undecayed parameters (see ``optim.NO_DECAY_RULES``).
+        lr: ``base`` lr per ``base_batch_size`` images (the effective batch counts devices, nodes and
+            accumulation), or an absolute ``value``; ``min`` lr, warm-up in ``warmup_epochs`` (fractional)
+            or ``warmup_steps``, from ``warmup_start`` lr (0 as MAE).
+        batch_size: the per-device batch size (``data.batch_size``), for the lr rule.
+        config: the resolved run config, stored in checkpoints so that finetuning and export can
+            rebuild the model.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 weight_decay: float = 0.05, no_weight_decay: str = "ndim_or_bias", lr: Mapping[str, Any] | None = None,
+                 batch_size: int = 64, config: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, betas=(0.9, 0.95))
+        self.weight_decay = float(weight_decay)
+        self.no_weight_decay = no_weight_decay
+        self.lr_config = {**DEFAULT_LR, **dict(lr or {})}
+        self.batch_size = int(batch_size)
+        self.save_hyperparameters(ignore=["model", "optimizer"])
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None):
+        return self.model(images, mask=mask)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        output = self.model(batch["images"], mask=batch.get("mask"))
+        loss = output.loss
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}, epoch {self.current_epoch}; "
+                "stopping. Lower method.lr.base, enable trainer.gradient_clip_val, or use bf16 instead of fp16.")
+        batch_size = batch["images"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        for name, value in output.losses.items():
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        output = self.model(batch["images"], mask=batch.get("mask"))
+        self.log("val/loss", output.loss, prog_bar=True, sync_dist=True, batch_size=batch["images"].shape[0])
+        return output.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def on_train_epoch_end(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "num_skipped"):
+            self.log("data/skipped", float(datamodule.num_skipped()), sync_dist=True)
+
+    # ------------------------------------------------------------------ optimizer
+    def effective_batch_size(self) -> int:
+        trainer = self.trainer
+        return self.batch_size * trainer.world_size * int(trainer.accumulate_grad_batches)
+
+    def learning_rate(self) -> float:
+        if self.lr_config["value"] is not None:
+            return float(self.lr_config["value"])
+        return scaled_lr(float(self.lr_config["base"]), self.effective_batch_size(), int(self.lr_config["base_batch_size"]))
+
+    def schedule_steps(self) -> tuple[int, int]:
+        """(warm-up steps, total optimizer steps) for the per-step schedule."""
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)
+        if self.lr_config["warmup_steps"] is not None:
+            warmup = int(self.lr_config["warmup_steps"])
+        else:
+            batches = trainer.num_training_batches
+            if not math.isfinite(batches) or batches <= 0:
+                raise ConfigError("method.lr.warmup_epochs", self.lr_config["warmup_epochs"],
+                                  "method.lr.warmup_steps for data without a known epoch length")
+            per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+            warmup = int(round(float(self.lr_config["warmup_epochs"]) * per_epoch))
+        return min(warmup, total), total
+
+    def configure_optimizers(self):
+        lr = self.learning_rate()
+        groups = param_groups(self.model, self.weight_decay, self.no_weight_decay)
+        optimizer = self.optimizer_factory(groups, lr=lr)
+        warmup, total = self.schedule_steps()
+        min_factor = float(self.lr_config["min"]) / lr if lr > 0 else 0.0
+        start_factor = float(self.lr_config["warmup_start"]) / lr if lr > 0 else 0.0
+        schedule = partial(warmup_cosine_factor, warmup_steps=warmup, total_steps=total, min_factor=min_factor,
+                           warmup_start_factor=start_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        rank_zero_info(
+            f"[mim_lightning] effective batch {self.effective_batch_size()} = {self.batch_size} per device x "
+            f"{self.trainer.world_size} devices x {self.trainer.accumulate_grad_batches} accumulation; lr {lr:.3g}; "
+            f"warm-up {warmup} of {total} optimizer steps")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

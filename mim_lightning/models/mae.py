@@ -1,0 +1,135 @@
+"""MAE: masked autoencoder (He et al., 2022), following facebookresearch/mae ``models_mae.py``.
+
+The ViT encoder sees only the visible patches (plus cls); a light transformer decoder fills the
+hidden positions with one shared mask token and predicts their pixels; the loss is the per-patch
+MSE on hidden patches against (optionally per-patch normalized) pixels.
+
+Differences from the official code, none of which changes the loss for a given mask:
+- The mask can be passed in (bool grid, True = hidden). With an explicit mask the visible tokens
+  enter the encoder in raster order instead of the random order of ``argsort(noise)``; attention
+  is permutation-equivariant, so the outputs are the same up to that order.
+- Attention uses timm's fused ``scaled_dot_product_attention`` (same math, not bit-identical to
+  timm 0.3.2's explicit softmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from mim_lightning.errors import ConfigError
+from mim_lightning.losses import denormalize_patches, masked_mse, normalize_patches, patchify, unpatchify
+from mim_lightning.masking import check_ratio, random_mask
+from mim_lightning.models.backbones import require_family
+from mim_lightning.models.backbones.vit import ViTEncoder, init_linear_and_norm, vit_from_spec
+from mim_lightning.models.output import MIMOutput
+from mim_lightning.models.pos_embed import sincos_2d
+
+
+def check_heads(dim: int, heads: int, key: str) -> None:
+    if heads <= 0 or dim % heads or dim % 4:
+        raise ConfigError(key, heads, f"a head count dividing the width {dim} (width divisible by 4)")
+
+
+def visible_first_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For a (B, L) bool mask with the same number of hidden patches per row, return
+    ``(ids_shuffle, ids_restore, len_keep)``: visible indices first (raster order), then hidden."""
+    hidden = mask.sum(dim=1)
+    low, high = (int(v) for v in torch.stack(hidden.aminmax()).tolist())
+    if low != high:
+        raise ConfigError("mask", f"{low}..{high} hidden patches per sample",
+                          "the same number of hidden patches in every sample of a batch (MAE drops them)")
+    ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    return ids_shuffle, ids_restore, mask.shape[1] - low
+
+
+class MAEDecoder(nn.Module):
+    """MAE's decoder: Linear to ``dim``, mask tokens at hidden positions, fixed sin-cos positions,
+    ``depth`` timm Blocks, LayerNorm and a Linear to ``p*p*3`` pixel values per patch."""
+
+    def __init__(self, encoder_dim: int, grid: tuple[int, int], patch_size: int, dim: int = 512, depth: int = 8,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, in_chans: int = 3, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        check_heads(dim, num_heads, "method.model.decoder_heads")
+        self.grid = grid
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        self.decoder_embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
+        )
+        self.decoder_norm = norm_layer(dim)
+        self.decoder_pred = nn.Linear(dim, patch_size * patch_size * in_chans)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_pos_embed.shape[-1], self.grid, cls_token=True).unsqueeze(0))
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            module.apply(init_linear_and_norm)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent (B, 1 + K, De) with cls first; ids_restore (B, L) -> per-patch predictions (B, L, p*p*C)."""
+        x = self.decoder_embed(latent)
+        batch, length = ids_restore.shape
+        fill = self.mask_token.expand(batch, length - (x.shape[1] - 1), -1)
+        patches = torch.cat([x[:, 1:], fill], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+
+class MaskedAutoencoder(nn.Module):
+    """MAE pretraining model: ``model(images, mask=None) -> MIMOutput``.
+
+    Args:
+        backbone: a ``vit`` backbone spec (``conf/backbone/vit_*.yaml``).
+        img_size: input size in pixels, a multiple of the patch size.
+        mask_ratio: hidden fraction for masks drawn in the model when ``mask`` is None.
+        norm_pix_loss: regress per-patch normalized pixels (used by the released checkpoints).
+        decoder_dim, decoder_depth, decoder_heads: decoder width, blocks and heads (official 512, 8, 16).
+    """
+
+    families = ("vit",)
+
+    def __init__(self, backbone: Mapping[str, Any], img_size: int | Sequence[int] = 224, mask_ratio: float = 0.75,
+                 norm_pix_loss: bool = True, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
+                 in_chans: int = 3) -> None:
+        super().__init__()
+        require_family(backbone, self.families, "MAE")
+        check_heads(int(backbone["embed_dim"]), int(backbone["num_heads"]), "backbone.num_heads")
+        self.mask_ratio = check_ratio(mask_ratio)
+        self.norm_pix_loss = norm_pix_loss
+        self.encoder: ViTEncoder = vit_from_spec(dict(backbone), img_size, in_chans=in_chans)
+        self.patch_size = self.encoder.patch_size
+        self.grid = self.encoder.grid
+        self.decoder = MAEDecoder(self.encoder.embed_dim, self.grid, self.patch_size, decoder_dim, decoder_depth,
+                                  decoder_heads, float(backbone.get("mlp_ratio", 4.0)), in_chans)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
+        batch = images.shape[0]
+        if mask is None:
+            mask = random_mask(batch, self.grid, self.mask_ratio, device=images.device)
+        flat_mask = mask.reshape(batch, -1).bool()
+        ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask)
+        latent = self.encoder(images, keep_ids=ids_shuffle[:, :len_keep])
+        pred = self.decoder(latent, ids_restore)
+        target = patchify(images, self.patch_size)
+        if self.norm_pix_loss:
+            normalized, mean, var = normalize_patches(target)
+            loss = masked_mse(pred, normalized, flat_mask)
+            pixels = denormalize_patches(pred.float(), mean, var)
+        else:
+            loss = masked_mse(pred, target, flat_mask)
+            pixels = pred.float()
+        return MIMOutput(loss=loss, pred=unpatchify(pixels, self.patch_size, self.grid, images.shape[1]),
+                         mask=mask.reshape(batch, *self.grid).bool(), latent=latent)

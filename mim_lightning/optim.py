@@ -1,0 +1,66 @@
+"""Optimizer parameter groups, the learning-rate scaling rule and per-step schedules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from mim_lightning.errors import ConfigError
+
+
+def no_decay_official_mae(name: str, param: torch.Tensor) -> bool:
+    """timm 0.3.2 ``add_weight_decay`` as used by MAE/MixMIM/iTPN pretraining: 1-D tensors and
+    ``*.bias`` get no weight decay; everything else (including cls/mask tokens) is decayed."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+NO_DECAY_RULES: dict[str, Callable[[str, torch.Tensor], bool]] = {
+    "ndim_or_bias": no_decay_official_mae,
+}
+
+
+def param_groups(model: nn.Module, weight_decay: float, rule: str = "ndim_or_bias",
+                 skip: Iterable[str] = ()) -> list[dict]:
+    """Two parameter groups, decayed and not, over the trainable parameters of ``model``.
+
+    ``rule`` names an entry of :data:`NO_DECAY_RULES`; ``skip`` adds names (substrings) that are
+    never decayed. Frozen parameters (``requires_grad=False``, e.g. fixed sin-cos tables) are left out.
+    """
+    if rule not in NO_DECAY_RULES:
+        raise ConfigError("method.no_weight_decay", rule, ", ".join(sorted(NO_DECAY_RULES)))
+    skip = tuple(skip)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if NO_DECAY_RULES[rule](name, param) or any(s in name for s in skip):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def scaled_lr(base_lr: float, effective_batch_size: int, base_batch_size: int) -> float:
+    """The linear scaling rule ``lr = base_lr * effective_batch / base_batch`` (MAE: /256, SimMIM: /512)."""
+    return base_lr * effective_batch_size / base_batch_size
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float = 0.0,
+                         warmup_start_factor: float = 0.0) -> float:
+    """LR multiplier at optimizer step ``step``: linear warm-up from ``warmup_start_factor`` to 1 over
+    ``warmup_steps``, then a half-cycle cosine down to ``min_factor`` at ``total_steps``.
+
+    Per-step version of ``mae:util/lr_sched.py adjust_learning_rate`` (the first step uses lr 0 when
+    ``warmup_start_factor`` is 0, as the official code does).
+    """
+    if step < warmup_steps:
+        return warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny sizes, no network, seeded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_cache(tmp_path_factory, monkeypatch):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    cache = tmp_path_factory.getbasetemp() / "mim_cache"
+    monkeypatch.setenv("MIM_LIGHTNING_CACHE", str(cache))
+
+
+def write_images(root: Path, count: int, size: int = 48, seed: int = 0, prefix: str = "img", ext: str = "png") -> list[Path]:
+    """Smooth random colour images (learnable structure, not pure noise)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(count):
+        freq = rng.uniform(1, 4, size=3)
+        phase = rng.uniform(0, 6.28, size=3)
+        image = np.stack([0.5 + 0.5 * np.sin(6.28 * f * (xx + yy * (c + 1) / 3) + p)
+                          for c, (f, p) in enumerate(zip(freq, phase))], axis=-1)
+        path = root / f"{prefix}_{i:03d}.{ext}"
+        Image.fromarray((image * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """24 images in nested folders (recursion), with a non-image file beside them."""
+    root = tmp_path / "images"
+    write_images(root / "a", 12, seed=1, prefix="a")
+    write_images(root / "b" / "deeper", 12, seed=2, prefix="b", ext="jpg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def class_folder(tmp_path) -> Path:
+    root = tmp_path / "classes"
+    for label, name in enumerate(["cat", "dog", "emu"]):
+        write_images(root / name, 6, seed=10 + label, prefix=name)
+    return root
+
+
+def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long CPU run of the default pipeline at 32px."""
+    return [
+        "backbone=vit_test",
+        "trainer=cpu",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.repeat=2",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+
+
+class StopAfterEpoch:
+    """A callback (used via ``+callbacks.stop._target_=conftest.StopAfterEpoch``) that ends training
+    after ``epoch`` epochs, as an interruption would, without changing the run's schedule."""
+
+    def __new__(cls, epoch: int = 1):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Stop(Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.current_epoch + 1 >= epoch:
+                    trainer.should_stop = True
+
+        return _Stop()

@@ -1,0 +1,129 @@
+"""Every option of every config group composes, and builds where this machine can build it."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mim_lightning import ConfigError, build_datamodule, build_mask_generator, build_pretrain_module, compose
+from mim_lightning.api import build_callbacks, build_loggers, build_trainer
+from mim_lightning.config import GROUPS, group_options
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert group_options(group), group
+
+
+def test_default_config_is_the_demo_mae_run(tmp_path):
+    cfg = compose("pretrain", [f"run_dir={tmp_path}"])
+    assert cfg.method.model._target_.endswith("MaskedAutoencoder")
+    assert cfg.backbone.name == "vit_micro" and cfg.data.image_size == 64
+    assert cfg.data.source._target_.endswith("DemoSource")
+    assert cfg.trainer.accelerator == ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def test_design_contract_api(tmp_path):
+    cfg = compose("pretrain", ["method=mae", "backbone=vit_b", "backbone.depth=1", f"run_dir={tmp_path}"])
+    module = build_pretrain_module(cfg)
+    assert isinstance(module.model, torch.nn.Module)
+    out = module.model(torch.randn(1, 3, 64, 64))
+    assert out.pred.shape == (1, 3, 64, 64) and out.mask.shape == (1, 4, 4)
+    assert module.hparams.config["backbone"]["name"] == "vit_b"
+
+
+@pytest.mark.parametrize("option", group_options("backbone"))
+def test_backbone_options_build(option, tmp_path):
+    cfg = compose("pretrain", [f"backbone={option}", "backbone.depth=1", f"run_dir={tmp_path}"])
+    size = 4 * cfg.backbone.patch_size
+    cfg.data.image_size = size
+    model = build_pretrain_module(cfg).model
+    out = model(torch.randn(1, 3, size, size))
+    assert out.pred.shape == (1, 3, size, size)
+    assert model.encoder.embed_dim == cfg.backbone.embed_dim
+
+
+@pytest.mark.parametrize("option", group_options("method"))
+def test_method_options_build(option, tmp_path):
+    cfg = compose("pretrain", [f"method={option}", "backbone=vit_test", "data.image_size=32", f"run_dir={tmp_path}"])
+    module = build_pretrain_module(cfg)
+    assert module.model(torch.randn(2, 3, 32, 32)).loss.ndim == 0
+
+
+@pytest.mark.parametrize("option", group_options("mask"))
+def test_mask_options_build(option, tmp_path):
+    cfg = compose("pretrain", [f"mask={option}", "data.image_size=64", f"run_dir={tmp_path}"])
+    if option == "simmim":
+        cfg.mask.unit = 16
+    generator = build_mask_generator(cfg)
+    assert generator(None).shape == (8, 8)
+
+
+@pytest.mark.parametrize("option", group_options("data"))
+def test_data_options_build(option, tmp_path, image_folder, class_folder):
+    root = {"folder": image_folder, "imagefolder": class_folder}.get(option)
+    overrides = [f"data={option}", f"run_dir={tmp_path}", "data.num_workers=0", "data.batch_size=2"]
+    if root is not None:
+        overrides.append(f"data.root={root}")
+    dm = build_datamodule(compose("pretrain", overrides))
+    dm.setup("fit")
+    item = dm.train_dataset[(0, 0)]
+    assert item["images"].shape == (3, 64, 64) and item["mask"].shape == (8, 8)
+    assert ("label" in item) == (option == "imagefolder")
+
+
+@pytest.mark.parametrize("option", group_options("trainer"))
+def test_trainer_options_compose(option, tmp_path):
+    cfg = compose("pretrain", [f"trainer={option}", f"run_dir={tmp_path}"])
+    expected = {"cpu": "32-true", "gpu": "bf16-mixed", "ddp": "bf16-mixed"}
+    if option in expected:
+        assert cfg.trainer.precision == expected[option]
+    if option == "ddp":
+        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == -1 and cfg.trainer.num_nodes == 1
+    if option in ("cpu", "auto"):
+        trainer = build_trainer(cfg)
+        assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("option", group_options("logger"))
+def test_logger_options_build(option, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    loggers = build_loggers(compose("pretrain", [f"logger={option}", f"run_dir={tmp_path}"]))
+    assert len(loggers) == 1
+
+
+def test_several_loggers_at_once(tmp_path):
+    cfg = compose("pretrain", ["logger=[csv,tensorboard]", f"run_dir={tmp_path}"])
+    assert set(cfg.logger) == {"csv", "tensorboard"}
+
+
+@pytest.mark.parametrize("option", group_options("callbacks"))
+def test_callback_options_build(option, tmp_path):
+    callbacks = build_callbacks(compose("pretrain", [f"callbacks={option}", f"run_dir={tmp_path}"]))
+    assert callbacks
+
+
+@pytest.mark.parametrize("option", group_options("experiment"))
+def test_experiment_options_compose(option, tmp_path):
+    cfg = compose("pretrain", [f"experiment={option}", f"run_dir={tmp_path}", "data.root=/data/imagenet/train"])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    if option.startswith("mae_"):
+        assert cfg.method.model.norm_pix_loss and cfg.mask.ratio == 0.75 and cfg.data.image_size == 224
+        assert cfg.method.lr.base == 1.5e-4 and cfg.method.lr.warmup_epochs == 40
+        assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes * cfg.trainer.accumulate_grad_batches == 4096
+
+
+def test_command_line_group_choice_beats_the_experiment(tmp_path):
+    cfg = compose("pretrain", ["backbone=vit_s", f"run_dir={tmp_path}"])
+    assert cfg.backbone.name == "vit_s"
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("method=nope", r"method='nope': no option 'nope' in conf/method/; allowed: .*mae"),
+    ("backbone=vit_q", r"backbone='vit_q'.*allowed: .*vit_b"),
+    ("trainer=tpu", r"trainer='tpu'.*allowed: auto, cpu, ddp, gpu"),
+    ("mask=random,bogus", r"mask='bogus'"),
+])
+def test_unknown_group_option_is_a_one_line_error(override, pattern):
+    with pytest.raises(ConfigError, match=pattern) as info:
+        compose("pretrain", [override])
+    assert "\n" not in str(info.value)
