@@ -31,22 +31,55 @@ def test_design_contract_api(tmp_path):
     assert module.hparams.config["backbone"]["name"] == "vit_b"
 
 
+#: Per backbone family: overrides that make a model seconds-fast to build and run, and the image size.
+#: Each method's model class lists the families it supports in ``families``.
+TINY_FAMILY = {
+    "vit": (["backbone=vit_test"], 32),
+    "swin": (["backbone=swin_test"], 64),
+    "hivit": (["backbone=hivit_test"], 64),
+}
+#: Shrinks a paper-size backbone of each family to one block per stage (widths, heads and patch kept).
+SHRINK_FAMILY = {
+    "vit": (["backbone.depth=1"], lambda cfg: 4 * cfg.backbone.patch_size),
+    "swin": (["backbone.depths=[1,1,1,1]"], lambda cfg: 64 * cfg.backbone.patch_size // 4),
+    "hivit": (["backbone.depth=1", "backbone.mlp_depth=[1,1]"], lambda cfg: 64),
+}
+
+
+def method_families(method: str) -> tuple[str, ...]:
+    from hydra.utils import get_class
+
+    cfg = compose("pretrain", [f"method={method}"])
+    return tuple(get_class(cfg.method.model._target_).families)
+
+
+def methods_for(family: str) -> list[str]:
+    return [m for m in group_options("method") if family in method_families(m)]
+
+
 @pytest.mark.parametrize("option", group_options("backbone"))
 def test_backbone_options_build(option, tmp_path):
-    cfg = compose("pretrain", [f"backbone={option}", "backbone.depth=1", f"run_dir={tmp_path}"])
-    size = 4 * cfg.backbone.patch_size
+    family = compose("pretrain", [f"backbone={option}"]).backbone.family
+    methods = methods_for(family)
+    if not methods:
+        pytest.skip(f"no method uses the {family} family yet")
+    shrink, image_size = SHRINK_FAMILY[family]
+    cfg = compose("pretrain", [f"method={methods[0]}", f"backbone={option}", *shrink, f"run_dir={tmp_path}"])
+    size = image_size(cfg)
     cfg.data.image_size = size
     model = build_pretrain_module(cfg).model
-    out = model(torch.randn(1, 3, size, size))
-    assert out.pred.shape == (1, 3, size, size)
-    assert model.encoder.embed_dim == cfg.backbone.embed_dim
+    out = model(torch.randn(2, 3, size, size))
+    assert out.pred.shape == (2, 3, size, size)
 
 
 @pytest.mark.parametrize("option", group_options("method"))
-def test_method_options_build(option, tmp_path):
-    cfg = compose("pretrain", [f"method={option}", "backbone=vit_test", "data.image_size=32", f"run_dir={tmp_path}"])
-    module = build_pretrain_module(cfg)
-    assert module.model(torch.randn(2, 3, 32, 32)).loss.ndim == 0
+def test_method_options_build_for_every_family_they_support(option, tmp_path):
+    for family in method_families(option):
+        overrides, size = TINY_FAMILY[family]
+        cfg = compose("pretrain", [f"method={option}", *overrides, f"data.image_size={size}", f"run_dir={tmp_path}"])
+        module = build_pretrain_module(cfg)
+        out = module.model(torch.randn(2, 3, size, size))
+        assert out.loss.ndim == 0 and out.pred.shape == (2, 3, size, size)
 
 
 @pytest.mark.parametrize("option", group_options("mask"))

@@ -54,3 +54,10 @@ def test_warmup_start_factor():
     assert warmup_cosine_factor(0, 4, 10, warmup_start_factor=0.25) == 0.25
     assert warmup_cosine_factor(2, 4, 10, warmup_start_factor=0.25) == pytest.approx(0.625)
     assert math.isclose(warmup_cosine_factor(4, 4, 10), 1.0)
+
+
+def test_skip_keys_add_to_the_rule():
+    model = Toy()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.05, skip=["cls_token"])
+    assert {names[id(p)] for p in groups[0]["params"]} == {"linear.weight"}

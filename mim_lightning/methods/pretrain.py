@@ -44,6 +44,8 @@ class PretrainModule(pl.LightningModule):
             parameter groups and ``lr``.
         weight_decay: decay of the decayed group.
         no_weight_decay: the rule that picks undecayed parameters (see ``optim.NO_DECAY_RULES``).
+        no_weight_decay_keys: parameter-name substrings that are never decayed on top of the rule
+            (e.g. SimMIM's ``mask_token``, ``absolute_pos_embed``, ``relative_position_bias_table``).
         lr: ``base`` lr per ``base_batch_size`` images (the effective batch counts devices, nodes and
             accumulation), or an absolute ``value``; ``min`` lr, warm-up in ``warmup_epochs`` (fractional)
             or ``warmup_steps``, from ``warmup_start`` lr (0 as MAE).
@@ -53,13 +55,15 @@ class PretrainModule(pl.LightningModule):
     """
 
     def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 weight_decay: float = 0.05, no_weight_decay: str = "ndim_or_bias", lr: Mapping[str, Any] | None = None,
+                 weight_decay: float = 0.05, no_weight_decay: str = "ndim_or_bias",
+                 no_weight_decay_keys: list[str] | tuple[str, ...] = (), lr: Mapping[str, Any] | None = None,
                  batch_size: int = 64, config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, betas=(0.9, 0.95))
         self.weight_decay = float(weight_decay)
         self.no_weight_decay = no_weight_decay
+        self.no_weight_decay_keys = tuple(no_weight_decay_keys)
         self.lr_config = {**DEFAULT_LR, **dict(lr or {})}
         self.batch_size = int(batch_size)
         self.save_hyperparameters(ignore=["model", "optimizer"])
@@ -123,7 +127,7 @@ class PretrainModule(pl.LightningModule):
 
     def configure_optimizers(self):
         lr = self.learning_rate()
-        groups = param_groups(self.model, self.weight_decay, self.no_weight_decay)
+        groups = param_groups(self.model, self.weight_decay, self.no_weight_decay, skip=self.no_weight_decay_keys)
         optimizer = self.optimizer_factory(groups, lr=lr)
         warmup, total = self.schedule_steps()
         min_factor = float(self.lr_config["min"]) / lr if lr > 0 else 0.0
