@@ -64,3 +64,15 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_fac
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_multistep_factor(step: int, warmup_steps: int, milestones: list[int] | tuple[int, ...], gamma: float = 0.1,
+                            warmup_start_factor: float = 0.0) -> float:
+    """LR multiplier: linear warm-up as :func:`warmup_cosine_factor`, then ``gamma ** (milestones passed)``.
+
+    The per-step equivalent of timm's ``MultiStepLRScheduler`` with ``t_in_epochs=False``, as SimMIM's
+    800-epoch recipe uses it (x0.1 at epoch 700).
+    """
+    if step < warmup_steps:
+        return warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_steps
+    return gamma ** sum(step >= milestone for milestone in milestones)

@@ -61,3 +61,11 @@ def test_skip_keys_add_to_the_rule():
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, 0.05, skip=["cls_token"])
     assert {names[id(p)] for p in groups[0]["params"]} == {"linear.weight"}
+
+
+def test_warmup_then_multistep():
+    from mim_lightning.optim import warmup_multistep_factor
+
+    f = lambda s: warmup_multistep_factor(s, warmup_steps=4, milestones=[10, 20], gamma=0.1, warmup_start_factor=0.5)  # noqa: E731
+    assert [f(0), f(2), f(4), f(9)] == [0.5, 0.75, 1.0, 1.0]
+    assert f(10) == pytest.approx(0.1) and f(25) == pytest.approx(0.01)

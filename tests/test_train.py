@@ -174,3 +174,22 @@ def test_gradient_accumulation_counts_in_the_lr_rule_and_the_schedule(tmp_path, 
     assert trainer.global_step == -(-batches // 2)
     warmup, total = module.schedule_steps()
     assert total == trainer.global_step
+
+
+def test_multistep_schedule_with_scaled_min_and_warmup(tmp_path, image_folder):
+    trainer = pretrain(compose("pretrain", tiny_overrides(
+        tmp_path / "ms", "data=folder", f"data.root={image_folder}", "~callbacks.reconstructions", "trainer.max_epochs=2",
+        "method.lr.base=1e-3", "method.lr.base_batch_size=2", "method.lr.warmup_steps=0", "method.lr.schedule=multistep",
+        "method.lr.milestones_epochs=[1]", "method.lr.gamma=0.5", "method.lr.scale_min_and_warmup=true",
+        "method.lr.min=1e-5")))
+    module = trainer.lightning_module
+    assert module.batch_factor() == 2.0
+    assert module.min_and_warmup_start_lr() == (pytest.approx(2e-5), 0.0)
+    # after the epoch-1 milestone the lr is halved: 1e-3 * 4 / 2 * 0.5
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_unknown_schedule_is_a_config_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_or_exit(pretrain, compose("pretrain", tiny_overrides(tmp_path / "s", "method.lr.schedule=step")))
+    assert "method.lr.schedule='step'" in capsys.readouterr().err

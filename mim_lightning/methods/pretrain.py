@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.optim import param_groups, scaled_lr, warmup_cosine_factor
+from mim_lightning.optim import param_groups, scaled_lr, warmup_cosine_factor, warmup_multistep_factor
 
 DEFAULT_LR = {
     "base": 1.5e-4,
@@ -28,7 +28,13 @@ DEFAULT_LR = {
     "warmup_epochs": 40.0,
     "warmup_steps": None,
     "warmup_start": 0.0,
+    "scale_min_and_warmup": False,
+    "schedule": "cosine",
+    "milestones_epochs": (),
+    "gamma": 0.1,
 }
+
+SCHEDULES = ("cosine", "multistep")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,7 +54,9 @@ class PretrainModule(pl.LightningModule):
             (e.g. SimMIM's ``mask_token``, ``absolute_pos_embed``, ``relative_position_bias_table``).
         lr: ``base`` lr per ``base_batch_size`` images (the effective batch counts devices, nodes and
             accumulation), or an absolute ``value``; ``min`` lr, warm-up in ``warmup_epochs`` (fractional)
-            or ``warmup_steps``, from ``warmup_start`` lr (0 as MAE).
+            or ``warmup_steps``, from ``warmup_start`` lr (0 as MAE); ``scale_min_and_warmup`` scales
+            ``min`` and ``warmup_start`` by the same batch factor as the lr (SimMIM). ``schedule`` is
+            ``cosine`` (half-cycle to ``min``) or ``multistep`` (x ``gamma`` at each of ``milestones_epochs``).
         batch_size: the per-device batch size (``data.batch_size``), for the lr rule.
         config: the resolved run config, stored in checkpoints so that finetuning and export can
             rebuild the model.
@@ -65,6 +73,8 @@ class PretrainModule(pl.LightningModule):
         self.no_weight_decay = no_weight_decay
         self.no_weight_decay_keys = tuple(no_weight_decay_keys)
         self.lr_config = {**DEFAULT_LR, **dict(lr or {})}
+        if self.lr_config["schedule"] not in SCHEDULES:
+            raise ConfigError("method.lr.schedule", self.lr_config["schedule"], ", ".join(SCHEDULES))
         self.batch_size = int(batch_size)
         self.save_hyperparameters(ignore=["model", "optimizer"])
 
@@ -105,10 +115,18 @@ class PretrainModule(pl.LightningModule):
         trainer = self.trainer
         return self.batch_size * trainer.world_size * int(trainer.accumulate_grad_batches)
 
+    def batch_factor(self) -> float:
+        """``effective_batch / base_batch_size``: the factor of the linear scaling rule."""
+        return self.effective_batch_size() / int(self.lr_config["base_batch_size"])
+
     def learning_rate(self) -> float:
         if self.lr_config["value"] is not None:
             return float(self.lr_config["value"])
         return scaled_lr(float(self.lr_config["base"]), self.effective_batch_size(), int(self.lr_config["base_batch_size"]))
+
+    def min_and_warmup_start_lr(self) -> tuple[float, float]:
+        scale = self.batch_factor() if self.lr_config["scale_min_and_warmup"] and self.lr_config["value"] is None else 1.0
+        return float(self.lr_config["min"]) * scale, float(self.lr_config["warmup_start"]) * scale
 
     def schedule_steps(self) -> tuple[int, int]:
         """(warm-up steps, total optimizer steps) for the per-step schedule."""
@@ -117,23 +135,30 @@ class PretrainModule(pl.LightningModule):
         if self.lr_config["warmup_steps"] is not None:
             warmup = int(self.lr_config["warmup_steps"])
         else:
-            batches = trainer.num_training_batches
-            if not math.isfinite(batches) or batches <= 0:
-                raise ConfigError("method.lr.warmup_epochs", self.lr_config["warmup_epochs"],
-                                  "method.lr.warmup_steps for data without a known epoch length")
-            per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-            warmup = int(round(float(self.lr_config["warmup_epochs"]) * per_epoch))
+            warmup = int(round(float(self.lr_config["warmup_epochs"]) * self.steps_per_epoch()))
         return min(warmup, total), total
+
+    def steps_per_epoch(self) -> int:
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches) or batches <= 0:
+            raise ConfigError("method.lr.warmup_epochs", self.lr_config["warmup_epochs"],
+                              "method.lr.warmup_steps for data without a known epoch length")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
 
     def configure_optimizers(self):
         lr = self.learning_rate()
         groups = param_groups(self.model, self.weight_decay, self.no_weight_decay, skip=self.no_weight_decay_keys)
         optimizer = self.optimizer_factory(groups, lr=lr)
         warmup, total = self.schedule_steps()
-        min_factor = float(self.lr_config["min"]) / lr if lr > 0 else 0.0
-        start_factor = float(self.lr_config["warmup_start"]) / lr if lr > 0 else 0.0
-        schedule = partial(warmup_cosine_factor, warmup_steps=warmup, total_steps=total, min_factor=min_factor,
-                           warmup_start_factor=start_factor)
+        min_lr, start_lr = self.min_and_warmup_start_lr()
+        start_factor = start_lr / lr if lr > 0 else 0.0
+        if self.lr_config["schedule"] == "multistep":
+            milestones = [int(round(float(e) * self.steps_per_epoch())) for e in self.lr_config["milestones_epochs"]]
+            schedule = partial(warmup_multistep_factor, warmup_steps=warmup, milestones=milestones,
+                               gamma=float(self.lr_config["gamma"]), warmup_start_factor=start_factor)
+        else:
+            schedule = partial(warmup_cosine_factor, warmup_steps=warmup, total_steps=total,
+                               min_factor=min_lr / lr if lr > 0 else 0.0, warmup_start_factor=start_factor)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         rank_zero_info(
             f"[mim_lightning] effective batch {self.effective_batch_size()} = {self.batch_size} per device x "
