@@ -53,9 +53,13 @@ class MaskGenerator:
         patch_size: the model's patch size in pixels; the returned grid is ``input_size / patch_size``.
         ratio: the fraction of mask units to hide, in (0, 1).
         unit: the mask unit in pixels, a multiple of ``patch_size`` (default: ``patch_size``).
+        per_batch: one mask for the whole batch (MixMAE) instead of one per sample; the DataModule then
+            keeps the first sample's mask and hands the model a ``(1, gh, gw)`` mask.
     """
 
-    def __init__(self, input_size: int | Sequence[int], patch_size: int, ratio: float, unit: int | None = None) -> None:
+    def __init__(self, input_size: int | Sequence[int], patch_size: int, ratio: float, unit: int | None = None,
+                 per_batch: bool = False) -> None:
+        self.per_batch = bool(per_batch)
         self.ratio = check_ratio(ratio)
         self.patch_size = int(patch_size)
         self.unit = int(unit) if unit is not None else self.patch_size
@@ -142,8 +146,8 @@ class BlockMask(MaskGenerator):
     """
 
     def __init__(self, input_size: int | Sequence[int], patch_size: int, ratio: float, unit: int | None = None,
-                 min_block: int = 16, max_block: int | None = None, min_aspect: float = 0.3) -> None:
-        super().__init__(input_size, patch_size, ratio, unit)
+                 min_block: int = 16, max_block: int | None = None, min_aspect: float = 0.3, per_batch: bool = False) -> None:
+        super().__init__(input_size, patch_size, ratio, unit, per_batch)
         if min_aspect <= 0:
             raise ConfigError("mask.min_aspect", min_aspect, "a positive number such as 0.3")
         self.min_block = max(1, min(int(min_block), self.num_hidden_units))

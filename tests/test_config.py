@@ -34,7 +34,7 @@ def test_design_contract_api(tmp_path):
 #: Per backbone family: overrides that make a model seconds-fast to build and run, and the image size.
 #: Each method's model class lists the families it supports in ``families``.
 TINY_FAMILY = {
-    "vit": (["backbone=vit_test"], 32),
+    "vit": (["backbone=vit_test"], 64),
     "swin": (["backbone=swin_test"], 64),
     "hivit": (["backbone=hivit_test"], 64),
 }

@@ -143,3 +143,9 @@ def test_demo_source_writes_real_photos_once(tmp_path):
 
     with Image.open(samples[0].path) as image:
         assert image.mode == "RGB" and max(image.size) <= 256
+
+
+def test_per_batch_mask_generator_gives_one_mask_per_batch(image_folder):
+    dm = make_dm(ImageFolderSource(str(image_folder)), mask_generator=RandomMask(32, 16, 0.5, per_batch=True))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["images"].shape[0] == 4 and batch["mask"].shape == (1, 2, 2)

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from mim_lightning.data.datasets import ImageDataset
 from mim_lightning.data.sampler import EpochIndexSampler
@@ -16,6 +16,14 @@ from mim_lightning.data.sources import ImageFolderSource, Sample
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MIMTransform, eval_image_transform, pretrain_image_transform
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import MaskGenerator
+
+
+def collate_batch_mask(items: list[dict]) -> dict:
+    """Collate, keeping one mask for the whole batch (the first sample's): ``mask`` is (1, gh, gw)."""
+    batch = default_collate(items)
+    if "mask" in batch:
+        batch["mask"] = batch["mask"][:1]
+    return batch
 
 
 def split_train_val(samples: Sequence[Sample], val_fraction: float, val_max: int, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -113,6 +121,8 @@ class PretrainDataModule(pl.LightningDataModule):
             extra["persistent_workers"] = self.persistent_workers
             if self.prefetch_factor is not None:
                 extra["prefetch_factor"] = int(self.prefetch_factor)
+        if getattr(self.mask_generator, "per_batch", False):
+            extra["collate_fn"] = collate_batch_mask
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
                           pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=drop_last, **extra)
 
