@@ -14,8 +14,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mim_lightning.callbacks.checkpoint import SeedPerRank
-from mim_lightning.checkpoint_io import AtomicCheckpointIO
+from mim_lightning.callbacks.checkpoint import SeedPerRank, StopOnSignal, last_checkpoint
+from mim_lightning.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
 from mim_lightning.config import instantiate_checked, to_container
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import MaskGenerator
@@ -39,7 +39,7 @@ def build_pretrain_module(cfg: DictConfig) -> pl.LightningModule:
     """
     factory = instantiate_checked(cfg.method, _partial_=True, _convert_="all")
     try:
-        return factory(config=to_container(cfg))
+        return factory(config=to_container(cfg), on_nonfinite=cfg.get("on_nonfinite", "stop"))
     except Exception as exc:  # noqa: BLE001
         from mim_lightning.config import as_config_error
 
@@ -51,7 +51,7 @@ def build_pretrain_module(cfg: DictConfig) -> pl.LightningModule:
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     callbacks = [instantiate_checked(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    return callbacks + [SeedPerRank(cfg.seed)]
+    return callbacks + [SeedPerRank(cfg.seed), StopOnSignal()]
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -70,7 +70,18 @@ def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
     kwargs = dict(callbacks=build_callbacks(cfg), logger=loggers if loggers else False, plugins=plugins,
                   use_distributed_sampler=False)
     kwargs.update(overrides)
-    return instantiate_checked(cfg.trainer, **kwargs)
+    try:
+        return instantiate_checked(cfg.trainer, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Lightning rejects bad Trainer arguments with several types
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        cause = exc.__cause__ or exc
+        if isinstance(cause, (MisconfigurationException, ValueError, TypeError)):
+            raise ConfigError("trainer", type(cause).__name__, "valid Lightning Trainer arguments (see trainer/*.yaml)",
+                              str(cause).splitlines()[0]) from None
+        raise
 
 
 @rank_zero_only
@@ -82,20 +93,46 @@ def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def resolve_ckpt_path(value: str | None) -> str | None:
+RESUME_OPTIONS = ("null", "auto")
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where the run's checkpoints go (``callbacks.checkpoint.dirpath``, else ``<run_dir>/checkpoints``)."""
+    node = (cfg.get("callbacks") or {}).get("checkpoint")
+    if node is not None and node.get("dirpath"):
+        return Path(str(node.dirpath))
+    return Path(str(cfg.run_dir)) / "checkpoints"
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path`` (checked), or with ``resume=auto`` (or
+    ``ckpt_path=last``) the newest usable checkpoint of this run folder, None to start fresh."""
+    value = cfg.get("ckpt_path")
+    resume = cfg.get("resume")
+    if resume not in (None, "auto"):
+        raise ConfigError("resume", resume, ", ".join(RESUME_OPTIONS))
     if value in (None, "", "null"):
+        value = "last" if resume == "auto" else None
+    if value is None:
         return None
+    if str(value) == "last":
+        found = last_checkpoint(checkpoint_dir(cfg))
+        if found is None:
+            print(f"[mim_lightning] no usable checkpoint in {checkpoint_dir(cfg)}; starting from scratch", flush=True)
+        return None if found is None else str(found)
     path = Path(str(value)).expanduser()
-    if not path.is_file():
-        raise ConfigError("ckpt_path", str(value), "the path of an existing .ckpt file to resume from", "no such file")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError("ckpt_path", str(value), "a complete Lightning checkpoint (.ckpt), or 'last'", problem)
     return str(path)
 
 
 def pretrain(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    ckpt_path = resolve_ckpt_path(cfg)
     datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")  # finds bad data settings before any process is launched (idempotent)
     module = build_pretrain_module(cfg)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:

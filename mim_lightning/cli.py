@@ -27,11 +27,18 @@ def check_argv(argv: list[str]) -> None:
 
 
 def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:
-    """Call ``function``; a config problem prints one line and exits 2, a non-finite loss exits 1."""
+    """Call ``function``; a config problem prints one line and exits 2, a non-finite loss exits 1,
+    SIGTERM/SIGUSR1 (after ``last.ckpt`` is written) exits 0."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from mim_lightning.methods.pretrain import NonFiniteLossError
 
     try:
         return function(*args)
+    except SIGTERMException:
+        print("mim_lightning: stopped by a signal; last.ckpt was written, resume with resume=auto run_dir=<this run>",
+              file=sys.stderr, flush=True)
+        sys.exit(0)
     except NonFiniteLossError as error:
         fail(str(error), EXIT_RUN_FAILED)
     except Exception as exc:  # noqa: BLE001 - anything that is not a config problem keeps its traceback

@@ -91,3 +91,21 @@ class StopAfterEpoch:
                     trainer.should_stop = True
 
         return _Stop()
+
+
+class SignalAtStep:
+    """A callback (``+callbacks.sig._target_=conftest.SignalAtStep``) that sends ``signal`` to its own
+    process when ``global_step`` reaches ``step`` (a kill -9, SIGTERM or SIGUSR1 in the middle of a run)."""
+
+    def __new__(cls, step: int, signal: str = "SIGKILL"):
+        import os
+        import signal as signals
+
+        from lightning.pytorch.callbacks import Callback
+
+        class _Signal(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), getattr(signals, signal))
+
+        return _Signal()

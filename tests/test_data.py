@@ -127,9 +127,8 @@ def test_missing_and_empty_folders_are_one_line_errors(tmp_path):
 
 
 def test_batch_larger_than_the_dataset_is_rejected(image_folder):
-    dm = make_dm(ImageFolderSource(str(image_folder)), batch_size=64)
     with pytest.raises(ConfigError, match=r"data\.batch_size=64"):
-        dm.train_dataloader()
+        make_dm(ImageFolderSource(str(image_folder)), batch_size=64)
 
 
 def test_demo_source_writes_real_photos_once(tmp_path):
@@ -149,3 +148,21 @@ def test_per_batch_mask_generator_gives_one_mask_per_batch(image_folder):
     dm = make_dm(ImageFolderSource(str(image_folder)), mask_generator=RandomMask(32, 16, 0.5, per_batch=True))
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape[0] == 4 and batch["mask"].shape == (1, 2, 2)
+
+
+def test_16_bit_cmyk_and_transparent_palette_images_become_8_bit_rgb(tmp_path):
+    from PIL import Image
+
+    from mim_lightning.data.datasets import load_rgb
+
+    ramp = (np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)  # up to 63960
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    palette = Image.new("P", (40, 40), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    deep = np.asarray(load_rgb(str(tmp_path / "deep.png")))
+    assert deep.dtype == np.uint8 and deep.shape == (40, 40, 3)
+    assert deep.max() > 240 and deep.min() == 0  # scaled, not clipped to white
+    assert np.asarray(load_rgb(str(tmp_path / "cmyk.jpg"))).shape == (40, 40, 3)
+    assert np.asarray(load_rgb(str(tmp_path / "palette.png")))[0, 0].tolist() == [255, 0, 0]

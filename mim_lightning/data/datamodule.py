@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from mim_lightning.data.datasets import ImageDataset
-from mim_lightning.data.sampler import EpochIndexSampler
+from mim_lightning.data.sampler import EpochIndexSampler, ResumableDataLoader
 from mim_lightning.data.sources import ImageFolderSource, Sample
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MIMTransform, eval_image_transform, pretrain_image_transform
 from mim_lightning.errors import ConfigError
@@ -89,6 +89,8 @@ class PretrainDataModule(pl.LightningDataModule):
         self.train_transform = MIMTransform(
             pretrain_image_transform(image_size, crop_scale, crop_ratio, hflip, interpolation, self.mean, self.std), mask_generator)
         self.val_transform = MIMTransform(eval_image_transform(image_size, interpolation, self.mean, self.std), mask_generator)
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_state: dict | None = None
         self.train_dataset: ImageDataset | None = None
         self.val_dataset: ImageDataset | None = None
         self.classes: list[str] = []
@@ -101,6 +103,16 @@ class PretrainDataModule(pl.LightningDataModule):
         train, val = split_train_val(samples, self.val_fraction, self.val_max_images, self.seed)
         self.train_dataset = ImageDataset(train, self.train_transform, seed=self.seed, repeat=self.repeat)
         self.val_dataset = ImageDataset(val, self.val_transform, seed=self.seed + 1) if val else None
+        self._check_batch_size(world_size=self._rank_and_world()[1])
+
+    def _check_batch_size(self, world_size: int) -> None:
+        assert self.train_dataset is not None
+        per_rank = len(self.train_dataset) // world_size
+        if per_rank < self.batch_size:
+            raise ConfigError(
+                "data.batch_size", self.batch_size,
+                f"at most the {per_rank} training images per device (lower data.batch_size or raise data.repeat)",
+                "larger than the training set, so an epoch would have no batch")
 
     def num_skipped(self) -> int:
         """Unreadable files found so far (skipped, not fatal)."""
@@ -112,7 +124,14 @@ class PretrainDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, dataset: ImageDataset, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _batches_done(self) -> int:
+        """Training batches finished in the current epoch (Lightning's progress counter)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+    def _loader(self, dataset: ImageDataset, shuffle: bool, drop_last: bool, resumable: bool = False) -> DataLoader:
         rank, world = self._rank_and_world()
         sampler = EpochIndexSampler(len(dataset), shuffle=shuffle, seed=self.seed, rank=rank, world_size=world)
         workers = self.num_workers
@@ -123,19 +142,35 @@ class PretrainDataModule(pl.LightningDataModule):
                 extra["prefetch_factor"] = int(self.prefetch_factor)
         if getattr(self.mask_generator, "per_batch", False):
             extra["collate_fn"] = collate_batch_mask
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
-                          pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=drop_last, **extra)
+        if resumable:
+            extra["progress"] = self._batches_done
+        loader_class = ResumableDataLoader if resumable else DataLoader
+        return loader_class(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
+                            pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=drop_last, **extra)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        assert self.train_dataset is not None
-        per_rank = len(self.train_dataset) // self._rank_and_world()[1]
-        if per_rank < self.batch_size:
-            raise ConfigError(
-                "data.batch_size", self.batch_size,
-                f"at most the {per_rank} training images per device (lower data.batch_size or raise data.repeat)",
-                "larger than the training set, so an epoch would have no batch")
-        return self._loader(self.train_dataset, shuffle=True, drop_last=True)
+        self._check_batch_size(world_size=self._rank_and_world()[1])
+        loader = self._loader(self.train_dataset, shuffle=True, drop_last=True, resumable=True)
+        if self._resume_state is not None:
+            loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """The training position (epoch, batches done), saved in every checkpoint for exact resumes."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Called by Lightning when resuming, before the training loader is built."""
+        state = state_dict.get("train_loader")
+        if state is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._resume_state = dict(state)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

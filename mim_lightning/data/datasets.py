@@ -17,10 +17,26 @@ from mim_lightning.data.transforms import MIMTransform
 MAX_CONSECUTIVE_BAD = 64
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float images scaled to 8 bits (``convert`` would clip them)."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        array = array / 257.0
+    else:
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+    return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image file as 8-bit RGB (grayscale, palette, RGBA and CMYK are converted)."""
+    """Open an image file as 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, 16-bit and
+    float images are converted."""
     with Image.open(path) as image:
         image.load()
+        if image.mode.startswith("I") or image.mode == "F":
+            image = _to_8bit(image)
+        elif image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
         return image.convert("RGB")
 
 

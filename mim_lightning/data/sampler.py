@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class EpochIndexSampler(Sampler[tuple[int, int]]):
@@ -25,9 +26,17 @@ class EpochIndexSampler(Sampler[tuple[int, int]]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self._skip = 0
         self.epoch = int(epoch)
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Make the next iteration of ``epoch`` start after its first ``skip`` keys (mid-epoch resume)."""
+        self.epoch = int(epoch)
+        self._skip = max(0, int(skip))
 
     def __len__(self) -> int:
         return -(-self.length // self.world_size)
@@ -44,5 +53,36 @@ class EpochIndexSampler(Sampler[tuple[int, int]]):
         return order[self.rank: total: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return iter([(index, epoch) for index in self.indices()])
+        epoch, skip = self.epoch, self._skip
+        self._skip = 0
+        return iter([(index, epoch) for index in self.indices()[skip:]])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochIndexSampler` that can start an epoch part-way through.
+
+    ``state_dict()`` is the epoch and the number of batches already trained on in it, read from the
+    trainer through ``progress`` (so it does not depend on how many batches the loader or its workers
+    had prefetched); ``load_state_dict`` makes the sampler skip exactly those batches, so a run
+    restarted mid-epoch sees the same samples, crops and masks as one that never stopped.
+    The DataModule saves and restores this state itself (Lightning restores loader states only when
+    it did not build the loader early, e.g. for ``estimated_stepping_batches``); being a stateful
+    loader also tells Lightning the resume is exact.
+    """
+
+    def __init__(self, *args: Any, progress: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochIndexSampler):
+            raise TypeError("ResumableDataLoader needs an EpochIndexSampler")
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        done = int(self.progress()) if self.progress is not None else 0
+        return {"epoch": self.sampler.epoch, "batches_done": done, "batch_size": int(self.batch_size or 1)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done >= len(self):
+            self.sampler.resume(epoch + 1, 0)
+        else:
+            self.sampler.resume(epoch, done * int(state.get("batch_size", self.batch_size or 1)))

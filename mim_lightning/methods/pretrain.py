@@ -35,6 +35,7 @@ DEFAULT_LR = {
 }
 
 SCHEDULES = ("cosine", "multistep")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,12 +61,15 @@ class PretrainModule(pl.LightningModule):
         batch_size: the per-device batch size (``data.batch_size``), for the lr rule.
         config: the resolved run config, stored in checkpoints so that finetuning and export can
             rebuild the model.
+        on_nonfinite: ``stop`` (default) raises :class:`NonFiniteLossError` naming the step when the loss
+            or the gradients are NaN/inf, before the optimizer step, so no checkpoint with broken weights
+            is written; ``skip`` drops that step (no update) and counts it in ``train/skipped_steps``.
     """
 
     def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  weight_decay: float = 0.05, no_weight_decay: str = "ndim_or_bias",
                  no_weight_decay_keys: list[str] | tuple[str, ...] = (), lr: Mapping[str, Any] | None = None,
-                 batch_size: int = 64, config: Mapping[str, Any] | None = None) -> None:
+                 batch_size: int = 64, config: Mapping[str, Any] | None = None, on_nonfinite: str = "stop") -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, betas=(0.9, 0.95))
@@ -76,18 +80,39 @@ class PretrainModule(pl.LightningModule):
         if self.lr_config["schedule"] not in SCHEDULES:
             raise ConfigError("method.lr.schedule", self.lr_config["schedule"], ", ".join(SCHEDULES))
         self.batch_size = int(batch_size)
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError("on_nonfinite", on_nonfinite, ", ".join(NONFINITE_POLICIES))
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
         self.save_hyperparameters(ignore=["model", "optimizer"])
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None):
         return self.model(images, mask=mask)
 
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is finite on every rank (one host sync; ranks must agree to skip together)."""
+        finite = torch.isfinite(value.detach()).all().float()
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        return bool(finite.item())
+
+    def _nonfinite(self, what: str, value: torch.Tensor) -> None:
+        """Stop with a message, or count a skipped step, for a non-finite loss or gradient."""
+        if self.on_nonfinite == "stop":
+            shown = value.item() if value.numel() == 1 else "nan/inf"
+            raise NonFiniteLossError(
+                f"non-finite {what} ({shown}) at step {self.global_step}, epoch {self.current_epoch}; stopping "
+                "before the optimizer step (the last checkpoint is untouched). Lower method.lr.base, set "
+                "trainer.gradient_clip_val, use bf16 instead of fp16, or on_nonfinite=skip.")
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         output = self.model(batch["images"], mask=batch.get("mask"))
         loss = output.loss
-        if not torch.isfinite(loss.detach()):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}, epoch {self.current_epoch}; "
-                "stopping. Lower method.lr.base, enable trainer.gradient_clip_val, or use bf16 instead of fp16.")
+        if not self._all_finite(loss):
+            self._nonfinite("training loss", loss)
+            return None  # Lightning skips backward and the optimizer step
         batch_size = batch["images"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         for name, value in output.losses.items():
@@ -102,8 +127,21 @@ class PretrainModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        # fp16 loss scaling produces inf gradients by design; its scaler skips those steps itself.
+        if not str(self.trainer.precision).startswith("16") and not self._all_finite(norm):
+            self._nonfinite("gradient norm", norm)
+            optimizer.zero_grad(set_to_none=True)  # params without grads are not updated
+            return
+        self.log("train/grad_norm", norm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mim_lightning"] = {"skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("mim_lightning", {}).get("skipped_steps", 0))
 
     def on_train_epoch_end(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
