@@ -32,6 +32,29 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     return instantiate_checked(cfg.data, mask_generator=build_mask_generator(cfg))
 
 
+def run_info() -> dict:
+    """Code version of this run (git commit of the checkout, library versions), kept in the config."""
+    import subprocess
+
+    import lightning
+    import timm
+    import torch
+
+    info: dict = {"torch": torch.__version__, "lightning": lightning.__version__, "timm": timm.__version__,
+                  "git_commit": None, "git_dirty": None}
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=5)
+            info["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def build_pretrain_module(cfg: DictConfig) -> pl.LightningModule:
     """The ``method`` group's pretraining LightningModule (``module.model`` is the plain model).
 
@@ -39,7 +62,9 @@ def build_pretrain_module(cfg: DictConfig) -> pl.LightningModule:
     """
     factory = instantiate_checked(cfg.method, _partial_=True, _convert_="all")
     try:
-        return factory(config=to_container(cfg), on_nonfinite=cfg.get("on_nonfinite", "stop"))
+        config = to_container(cfg)
+        config["run_info"] = run_info()
+        return factory(config=config, on_nonfinite=cfg.get("on_nonfinite", "stop"))
     except Exception as exc:  # noqa: BLE001
         from mim_lightning.config import as_config_error
 
@@ -127,10 +152,28 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def continue_wandb_run(cfg: DictConfig, ckpt_path: str) -> None:
+    """Point the W&B logger at the run id stored in the checkpoint, so a resume continues that run."""
+    node = (cfg.get("logger") or {}).get("wandb")
+    if node is None or node.get("id"):
+        return
+    import torch
+
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("mim_lightning", {})
+    if state.get("wandb_id"):
+        from omegaconf import open_dict
+
+        with open_dict(node):
+            node.id = state["wandb_id"]
+            node.resume = "allow"
+
+
 def pretrain(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is not None:
+        continue_wandb_run(cfg, ckpt_path)
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")  # finds bad data settings before any process is launched (idempotent)
     module = build_pretrain_module(cfg)

@@ -193,3 +193,33 @@ def test_unknown_schedule_is_a_config_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_or_exit(pretrain, compose("pretrain", tiny_overrides(tmp_path / "s", "method.lr.schedule=step")))
     assert "method.lr.schedule='step'" in capsys.readouterr().err
+
+
+def test_monitor_scalars_run_info_and_wandb_id_in_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "monitored"
+    trainer = pretrain(compose("pretrain", tiny_overrides(run_dir, "logger=[csv,tensorboard,wandb]")))
+    rows = read_metrics(run_dir)
+    for key in ("perf/images_per_sec", "mask/ratio", "mask/avg_dist", "mask/config_ratio"):
+        assert any(r.get(key) for r in rows), key
+    assert [float(r["mask/ratio"]) for r in rows if r.get("mask/ratio")][0] == pytest.approx(12 / 16)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    info = checkpoint["hyper_parameters"]["config"]["run_info"]
+    assert info["torch"] == torch.__version__ and len(info["git_commit"] or "x" * 40) == 40
+    wandb_id = checkpoint["mim_lightning"]["wandb_id"]
+    assert wandb_id == trainer.loggers[2].version
+    # the reconstruction grid reached TensorBoard and W&B
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "reconstructions" in events.Tags()["images"]
+    media = list((run_dir / "wandb").glob("offline-run-*/files/media/images/reconstructions_*.png"))
+    assert media
+    # resuming continues the same W&B run
+    from mim_lightning.api import continue_wandb_run
+
+    cfg = compose("pretrain", tiny_overrides(tmp_path / "again", "logger=wandb"))
+    continue_wandb_run(cfg, str(run_dir / "checkpoints" / "last.ckpt"))
+    assert cfg.logger.wandb.id == wandb_id and cfg.logger.wandb.resume == "allow"

@@ -18,7 +18,9 @@ from mim_lightning.visualize import panels_to_grid, reconstruction_panels
 class ReconstructionImages(Callback):
     """Every ``every_n_steps`` optimizer steps and when training ends, run the model on the first
     ``num_images`` validation images with their fixed masks and write
-    ``<dirpath>/step_<step>.png`` (rows: images; columns: original, masked, prediction, pasted).
+    ``<dirpath>/step_<step>.png`` (rows: images; columns: original, masked, prediction, pasted), and
+    log it to TensorBoard and Weights & Biases when those loggers are on. Norm-pix predictions arrive
+    already mapped back to pixels with the target patches' statistics (``MIMOutput.pred``).
     """
 
     def __init__(self, dirpath: str, num_images: int = 4, every_n_steps: int = 0) -> None:
@@ -56,10 +58,25 @@ class ReconstructionImages(Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step_{trainer.global_step:07d}.png"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        Image.fromarray(panels_to_grid(panels)).save(tmp, format="PNG")
+        grid = panels_to_grid(panels)
+        Image.fromarray(grid).save(tmp, format="PNG")
         os.replace(tmp, path)
         self.last_path = path
+        self._log_to_loggers(trainer, grid, [panels_to_grid(panels[i: i + 1]) for i in range(len(panels))])
         return path
+
+    @staticmethod
+    def _log_to_loggers(trainer: pl.Trainer, grid, per_image: list) -> None:
+        """The grid to TensorBoard (one image) and to W&B (one image per sample, captioned)."""
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("reconstructions", grid, step, dataformats="HWC")
+            elif isinstance(logger, WandbLogger):
+                captions = [f"val image {i}: original | masked | prediction | pasted" for i in range(len(per_image))]
+                logger.log_image(key="reconstructions", images=per_image, step=step, caption=captions)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

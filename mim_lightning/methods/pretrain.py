@@ -138,7 +138,13 @@ class PretrainModule(pl.LightningModule):
         self.log("train/grad_norm", norm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mim_lightning"] = {"skipped_steps": self.skipped_steps}
+        from lightning.pytorch.loggers import WandbLogger
+
+        state: dict[str, Any] = {"skipped_steps": self.skipped_steps}
+        for logger in self.trainer.loggers if self._trainer is not None else []:
+            if isinstance(logger, WandbLogger) and logger.version:
+                state["wandb_id"] = str(logger.version)  # a resumed run continues the same W&B run
+        checkpoint["mim_lightning"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = int(checkpoint.get("mim_lightning", {}).get("skipped_steps", 0))
