@@ -40,7 +40,7 @@ def run_info() -> dict:
     import timm
     import torch
 
-    info: dict = {"torch": torch.__version__, "lightning": lightning.__version__, "timm": timm.__version__,
+    info: dict = {"torch": str(torch.__version__), "lightning": str(lightning.__version__), "timm": str(timm.__version__),
                   "git_commit": None, "git_dirty": None}
     repo = Path(__file__).resolve().parent.parent
     try:
@@ -180,5 +180,18 @@ def pretrain(cfg: DictConfig) -> pl.Trainer:
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         save_run_config(cfg, cfg.run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_wandb_runs(trainer)
     return trainer
+
+
+def finish_wandb_runs(trainer: pl.Trainer) -> None:
+    """Close the W&B run, so the next run in this process (a sweep job, a notebook cell) gets its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers) and trainer.is_global_zero:
+        import wandb
+
+        wandb.finish()

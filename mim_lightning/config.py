@@ -83,12 +83,24 @@ def check_group_choices(overrides: Iterable[str]) -> None:
                 raise ConfigError(group, str(value), ", ".join(allowed), f"no option '{value}' in conf/{group}/")
 
 
+def normalize_overrides(overrides: Iterable[str]) -> list[str]:
+    """``group=null`` -> ``~group``: Hydra cannot set a group whose default is an option to null."""
+    result = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key in GROUPS and value.strip() in ("null", "None", "none"):
+            result.append(f"~{key}")
+        else:
+            result.append(override)
+    return result
+
+
 def compose(config_name: str = "pretrain", overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides, as the command line would.
 
     Raises :class:`ConfigError` for an unknown group option.
     """
-    overrides = list(overrides)
+    overrides = normalize_overrides(overrides)
     check_group_choices(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

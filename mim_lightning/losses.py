@@ -55,3 +55,20 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     """
     per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
     return masked_mean(per_patch, mask)
+
+
+# --------------------------------------------------------------------------------------------- SimMIM
+def masked_pixel_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """SimMIM loss: L1 over the hidden pixels, as microsoft/SimMIM ``models/simmim.py``.
+
+    pred, target: (B, C, H, W) (normalized pixels, no per-patch normalization); mask: (B, gh, gw)
+    bool/0-1, True = hidden, with H and W multiples of gh and gw (each cell covers H/gh x W/gw pixels).
+    Returns ``sum(|pred - target| * m) / (sum(m) + eps) / C`` with ``m`` the (B, 1, H, W) pixel mask:
+    the denominator counts hidden pixel *positions* (eps 1e-5 as official; mmpretrain has no eps), so
+    the division by C makes it a mean over hidden pixel-channels. Computed in fp32.
+    """
+    height, width = target.shape[-2:]
+    cell_h, cell_w = height // mask.shape[-2], width // mask.shape[-1]
+    pixels = mask.float().repeat_interleave(cell_h, 1).repeat_interleave(cell_w, 2).unsqueeze(1)
+    error = (pred.float() - target.float()).abs()
+    return (error * pixels).sum() / (pixels.sum() + eps) / target.shape[1]

@@ -201,3 +201,55 @@ def random_mask(batch_size: int, grid: tuple[int, int], ratio: float, device: to
     noise = torch.rand(batch_size, length, device=device, generator=generator)
     rank = noise.argsort(dim=1).argsort(dim=1)
     return (rank >= keep).reshape(batch_size, *grid)
+
+
+# --------------------------------------------------------------------------------------------- MixMAE
+def check_ratio_range(ratio: float, ratio_range: float, key: str = "mask.ratio_range") -> float:
+    """``ratio_range`` >= 0 with ``ratio + ratio_range`` < 1 (MixMIM's ``range_mask_ratio``)."""
+    if not isinstance(ratio_range, (int, float)) or ratio_range < 0 or ratio + ratio_range >= 1.0:
+        raise ConfigError(key, ratio_range, f"a number >= 0 with mask.ratio + range < 1 (mask.ratio is {ratio})")
+    return float(ratio_range)
+
+
+class MixMask(MaskGenerator):
+    """MixMAE's mixing mask (Sense-X/MixMIM ``random_masking``): ``int(L * r)`` random units set,
+    with ``r = ratio + U(0, ratio_range)`` drawn per mask (``ratio_range`` 0 by default).
+
+    True = the unit comes from the partner image. MixMAE draws it on the encoder's *output* grid
+    (``patch_size`` = the encoder stride, 32 for Swin; 7x7 at 224px) and shares one mask across the
+    batch, hence ``per_batch=True`` by default. The count rule hides ``int(L * r)`` units (24 of 49 at
+    0.5), one fewer than :class:`RandomMask`'s ``L - int(L * (1 - r))``.
+    """
+
+    def __init__(self, input_size: int | Sequence[int], patch_size: int, ratio: float = 0.5, unit: int | None = None,
+                 ratio_range: float = 0.0, per_batch: bool = True) -> None:
+        self.ratio_range = check_ratio_range(check_ratio(ratio), ratio_range)
+        check_divisible(input_size, int(patch_size), "data.image_size", "mask.patch_size (MixMAE: the encoder stride)")
+        super().__init__(input_size, patch_size, ratio, unit, per_batch)
+        most = int(self.num_units * (self.ratio + self.ratio_range))
+        if most >= self.num_units:
+            raise ConfigError("mask.ratio_range", self.ratio_range, f"a range that hides fewer than all "
+                              f"{self.num_units} units (mask.ratio is {self.ratio})")
+
+    def _hidden_count(self) -> int:
+        return int(self.num_units * self.ratio)
+
+    def sample_units(self, rng: np.random.Generator) -> np.ndarray:
+        ratio = self.ratio + (rng.uniform(0.0, self.ratio_range) if self.ratio_range > 0 else 0.0)
+        flat = np.zeros(self.num_units, dtype=bool)
+        flat[rng.permutation(self.num_units)[: int(self.num_units * ratio)]] = True
+        return flat.reshape(self.unit_grid)
+
+
+def mix_mask(grid: tuple[int, int], ratio: float, ratio_range: float = 0.0, device: torch.device | str | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """On-device MixMIM ``random_masking``: one (1, gh, gw) bool mask for the whole batch with
+    ``int(L * r)`` units set, ``r = ratio + U(0, ratio_range)``; the set units are those with the
+    smallest uniform noise, as the official ``argsort(noise)[:count]``."""
+    length = grid[0] * grid[1]
+    if ratio_range > 0:
+        ratio = ratio + float(torch.rand((), device=device, generator=generator)) * ratio_range
+    count = int(length * ratio)
+    noise = torch.rand(1, length, device=device, generator=generator)
+    rank = noise.argsort(dim=1).argsort(dim=1)
+    return (rank < count).reshape(1, *grid)

@@ -52,17 +52,21 @@ def scaled_lr(base_lr: float, effective_batch_size: int, base_batch_size: int) -
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float = 0.0,
-                         warmup_start_factor: float = 0.0) -> float:
+                         warmup_start_factor: float = 0.0, cosine_from_start: bool = False) -> float:
     """LR multiplier at optimizer step ``step``: linear warm-up from ``warmup_start_factor`` to 1 over
     ``warmup_steps``, then a half-cycle cosine down to ``min_factor`` at ``total_steps``.
 
     Per-step version of ``mae:util/lr_sched.py adjust_learning_rate`` (the first step uses lr 0 when
-    ``warmup_start_factor`` is 0, as the official code does).
+    ``warmup_start_factor`` is 0, as the official code does). With ``cosine_from_start`` the cosine is
+    a function of the absolute step (``step / total_steps``), as timm's ``CosineLRScheduler`` with
+    ``warmup_prefix=False`` that SimMIM uses: the lr is already slightly below the peak when warm-up ends.
     """
     if step < warmup_steps:
         return warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if cosine_from_start:
+        progress = min(1.0, step / max(1, total_steps))
+    else:
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

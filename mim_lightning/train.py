@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from mim_lightning.api import pretrain
 from mim_lightning.cli import check_argv, run_or_exit
-from mim_lightning.config import CONF_DIR
+from mim_lightning.config import CONF_DIR, normalize_overrides
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base="1.3")
@@ -23,6 +23,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
     check_argv(sys.argv[1:])
     _hydra_main()
 

@@ -160,3 +160,9 @@ def test_unknown_group_option_is_a_one_line_error(override, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
         compose("pretrain", [override])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("spelling", ["experiment=null", "~experiment"])
+def test_experiment_null_gives_the_plain_group_defaults(spelling, tmp_path):
+    cfg = compose("pretrain", [spelling, f"run_dir={tmp_path}"])
+    assert cfg.backbone.name == "vit_b" and cfg.data.image_size == 224 and cfg.trainer.max_epochs == 800

@@ -166,3 +166,12 @@ def test_16_bit_cmyk_and_transparent_palette_images_become_8_bit_rgb(tmp_path):
     assert deep.max() > 240 and deep.min() == 0  # scaled, not clipped to white
     assert np.asarray(load_rgb(str(tmp_path / "cmyk.jpg"))).shape == (40, 40, 3)
     assert np.asarray(load_rgb(str(tmp_path / "palette.png")))[0, 0].tolist() == [255, 0, 0]
+
+
+def test_color_jitter_changes_colours_and_is_validated(image_folder):
+    plain = make_dm(ImageFolderSource(str(image_folder)))
+    jittered = make_dm(ImageFolderSource(str(image_folder)), color_jitter=0.4)
+    a, b = plain.train_dataset[(0, 0)]["images"], jittered.train_dataset[(0, 0)]["images"]
+    assert a.shape == b.shape and not torch.equal(a, b)
+    with pytest.raises(ConfigError, match="data.color_jitter=-1"):
+        make_dm(ImageFolderSource(str(image_folder)), color_jitter=-1)

@@ -69,3 +69,10 @@ def test_warmup_then_multistep():
     f = lambda s: warmup_multistep_factor(s, warmup_steps=4, milestones=[10, 20], gamma=0.1, warmup_start_factor=0.5)  # noqa: E731
     assert [f(0), f(2), f(4), f(9)] == [0.5, 0.75, 1.0, 1.0]
     assert f(10) == pytest.approx(0.1) and f(25) == pytest.approx(0.01)
+
+
+def test_cosine_over_the_absolute_step_as_timm_without_warmup_prefix():
+    f = lambda s: warmup_cosine_factor(s, warmup_steps=10, total_steps=100, cosine_from_start=True)  # noqa: E731
+    assert f(5) == pytest.approx(0.5)
+    assert f(10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))
+    assert f(100) == pytest.approx(0.0)

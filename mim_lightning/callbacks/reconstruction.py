@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torch.utils.data import default_collate
 
+from mim_lightning.data.datamodule import collate_batch_mask
 from mim_lightning.visualize import panels_to_grid, reconstruction_panels
 
 
@@ -38,7 +39,9 @@ class ReconstructionImages(Callback):
             if dataset is None:
                 return None
             count = min(self.num_images, len(dataset))
-            self._batch = default_collate([dataset[(i, 0)] for i in range(count)])
+            per_batch = getattr(getattr(datamodule, "mask_generator", None), "per_batch", False)
+            collate = collate_batch_mask if per_batch else default_collate
+            self._batch = collate([dataset[(i, 0)] for i in range(count)])
         return self._batch
 
     @rank_zero_only

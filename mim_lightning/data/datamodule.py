@@ -54,7 +54,8 @@ class PretrainDataModule(pl.LightningDataModule):
             when CUDA is present; persistence and prefetch only with workers).
         val_fraction, val_max_images: held-out images for ``val/loss`` (centre crops, fixed masks).
         repeat: passes over the image list per epoch (for tiny datasets; each pass has new crops/masks).
-        crop_scale, crop_ratio, hflip, interpolation, mean, std: the augmentation (MAE's by default).
+        crop_scale, crop_ratio, hflip, interpolation, mean, std, color_jitter: the augmentation (MAE's by
+            default; ``color_jitter`` 0 is off).
         seed: the run seed; data order, crops and masks derive from it.
         mask_generator: draws each sample's mask (None: the model draws its own).
     """
@@ -64,7 +65,7 @@ class PretrainDataModule(pl.LightningDataModule):
                  val_fraction: float = 0.01, val_max_images: int = 1000, repeat: int = 1,
                  crop_scale: Sequence[float] = (0.2, 1.0), crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                  interpolation: str = "bicubic", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 seed: int = 0, mask_generator: MaskGenerator | None = None) -> None:
+                 seed: int = 0, mask_generator: MaskGenerator | None = None, color_jitter: float = 0.0) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ConfigError("data.batch_size", batch_size, "a positive integer")
@@ -87,7 +88,8 @@ class PretrainDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.mask_generator = mask_generator
         self.train_transform = MIMTransform(
-            pretrain_image_transform(image_size, crop_scale, crop_ratio, hflip, interpolation, self.mean, self.std), mask_generator)
+            pretrain_image_transform(image_size, crop_scale, crop_ratio, hflip, interpolation, self.mean, self.std,
+                                     color_jitter), mask_generator)
         self.val_transform = MIMTransform(eval_image_transform(image_size, interpolation, self.mean, self.std), mask_generator)
         self._train_loader: ResumableDataLoader | None = None
         self._resume_state: dict | None = None

@@ -35,12 +35,18 @@ def interpolation_mode(name: str) -> T.InterpolationMode:
 def pretrain_image_transform(image_size: int | Sequence[int], scale: Sequence[float] = (0.2, 1.0),
                              ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                              interpolation: str = "bicubic", mean: Sequence[float] = IMAGENET_MEAN,
-                             std: Sequence[float] = IMAGENET_STD) -> Callable[[Image.Image], torch.Tensor]:
+                             std: Sequence[float] = IMAGENET_STD, color_jitter: float = 0.0
+                             ) -> Callable[[Image.Image], torch.Tensor]:
     """MAE's pretraining augmentation: RandomResizedCrop (bicubic, scale (0.2, 1)), horizontal flip,
-    ToTensor, Normalize. No colour jitter."""
+    ToTensor, Normalize. ``color_jitter > 0`` first applies ``ColorJitter(v, v, v)`` (brightness,
+    contrast, saturation), as BEiT/iTPN-CLIP do; MAE, SimMIM and MixMAE use none."""
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ConfigError("data.crop_scale", list(scale), "two numbers 0 < low <= high <= 1, e.g. [0.2, 1.0]")
+    if not isinstance(color_jitter, (int, float)) or color_jitter < 0:
+        raise ConfigError("data.color_jitter", color_jitter, "a number >= 0 (0 = off; iTPN-CLIP uses 0.4)")
+    jitter = [T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []
     return T.Compose([
+        *jitter,
         T.RandomResizedCrop(image_size, scale=tuple(scale), ratio=tuple(ratio), interpolation=interpolation_mode(interpolation)),
         T.RandomHorizontalFlip(hflip),
         T.ToTensor(),

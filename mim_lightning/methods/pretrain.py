@@ -32,9 +32,11 @@ DEFAULT_LR = {
     "schedule": "cosine",
     "milestones_epochs": (),
     "gamma": 0.1,
+    "cosine_from": "warmup_end",
 }
 
 SCHEDULES = ("cosine", "multistep")
+COSINE_ORIGINS = ("warmup_end", "start")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -57,7 +59,9 @@ class PretrainModule(pl.LightningModule):
             accumulation), or an absolute ``value``; ``min`` lr, warm-up in ``warmup_epochs`` (fractional)
             or ``warmup_steps``, from ``warmup_start`` lr (0 as MAE); ``scale_min_and_warmup`` scales
             ``min`` and ``warmup_start`` by the same batch factor as the lr (SimMIM). ``schedule`` is
-            ``cosine`` (half-cycle to ``min``) or ``multistep`` (x ``gamma`` at each of ``milestones_epochs``).
+            ``cosine`` (half-cycle to ``min``) or ``multistep`` (x ``gamma`` at each of ``milestones_epochs``);
+            ``cosine_from``: ``warmup_end`` (MAE: the cosine starts after warm-up) or ``start`` (SimMIM/timm:
+            the cosine runs over the absolute step).
         batch_size: the per-device batch size (``data.batch_size``), for the lr rule.
         config: the resolved run config, stored in checkpoints so that finetuning and export can
             rebuild the model.
@@ -79,6 +83,8 @@ class PretrainModule(pl.LightningModule):
         self.lr_config = {**DEFAULT_LR, **dict(lr or {})}
         if self.lr_config["schedule"] not in SCHEDULES:
             raise ConfigError("method.lr.schedule", self.lr_config["schedule"], ", ".join(SCHEDULES))
+        if self.lr_config["cosine_from"] not in COSINE_ORIGINS:
+            raise ConfigError("method.lr.cosine_from", self.lr_config["cosine_from"], ", ".join(COSINE_ORIGINS))
         self.batch_size = int(batch_size)
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError("on_nonfinite", on_nonfinite, ", ".join(NONFINITE_POLICIES))
@@ -202,7 +208,8 @@ class PretrainModule(pl.LightningModule):
                                gamma=float(self.lr_config["gamma"]), warmup_start_factor=start_factor)
         else:
             schedule = partial(warmup_cosine_factor, warmup_steps=warmup, total_steps=total,
-                               min_factor=min_lr / lr if lr > 0 else 0.0, warmup_start_factor=start_factor)
+                               min_factor=min_lr / lr if lr > 0 else 0.0, warmup_start_factor=start_factor,
+                               cosine_from_start=self.lr_config["cosine_from"] == "start")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         rank_zero_info(
             f"[mim_lightning] effective batch {self.effective_batch_size()} = {self.batch_size} per device x "

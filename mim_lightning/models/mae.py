@@ -119,6 +119,8 @@ class MaskedAutoencoder(nn.Module):
         batch = images.shape[0]
         if mask is None:
             mask = random_mask(batch, self.grid, self.mask_ratio, device=images.device)
+        elif mask.shape[0] == 1 and batch > 1:
+            mask = mask.expand(batch, *mask.shape[1:])  # one mask shared by the batch
         flat_mask = mask.reshape(batch, -1).bool()
         ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask)
         latent = self.encoder(images, keep_ids=ids_shuffle[:, :len_keep])

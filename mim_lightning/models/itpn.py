@@ -1,0 +1,236 @@
+"""iTPN pixel pretraining (Tian et al., CVPR 2023), following sunsmarterjie/iTPN ``itpn_pixel/models/models_itpn_mim.py``.
+
+A HiViT encoder runs on the visible mask units only (hidden units are dropped right after the patch
+embedding, so every stage, the pyramid included, sees visible units only). A three-level feature
+pyramid is built *inside* each visible unit from the main-stage output and the two stem features
+(1x1, 2x2 and 4x4 sub-tokens per unit, ``fpn_dim`` wide). The decoder embeds each level to
+``decoder_dim`` per unit, appends the shared mask token at hidden units, un-shuffles and sums the three
+levels (+ fixed sin-cos positions), then runs ``decoder_depth`` transformer blocks and predicts the
+16x16x3 pixels of every unit. The loss is MAE's per-unit norm-pix MSE on hidden units, so the pyramid
+is pretrained together with the backbone ("integrally").
+
+Trace for iTPN-B at 224 px (B images, 49 of 196 units visible):
+    patch_embed (B,196,4,4,128) -> keep (B,49,4,4,128) -> 3 MLP [f4] -> merge (B,49,2,2,256) -> 3 MLP [f8]
+    -> merge (B,49,512) -> +APE -> 24 blocks (B,49,512)
+    pyramid: (B,49,1,1,256), (B,49,2,2,256), (B,49,4,4,256)
+    decoder_embed: 3 x (B,49,512) -> + mask tokens, unshuffle (B,196,512) -> sum + pos -> 8 blocks -> (B,196,768)
+
+Differences from the official code, none of which changes the loss for a given mask:
+- The mask can be passed in (bool unit grid, True = hidden); the visible units then enter the encoder
+  in raster order instead of ``argsort(noise)`` order (attention is permutation-equivariant and nothing
+  else mixes units). ``mask=None`` draws MAE's per-sample random mask on the device.
+- Attention uses ``F.scaled_dot_product_attention``.
+- Weight init: as the official, trunc-normal(0.02) Linear weights, zero biases, LN 1/0, default Conv
+  init, sin-cos initialised learnable ``absolute_pos_embed``, frozen sin-cos decoder positions,
+  ``mask_token`` ~ N(0, 0.02).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mim_lightning.errors import ConfigError
+from mim_lightning.losses import denormalize_patches, masked_mse, normalize_patches, patchify, unpatchify
+from mim_lightning.masking import check_ratio, random_mask
+from mim_lightning.models.backbones import require_family
+from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
+from mim_lightning.models.mae import check_heads, visible_first_order
+from mim_lightning.models.output import MIMOutput
+from mim_lightning.models.pos_embed import sincos_2d
+
+
+class PatchSplit(nn.Module):
+    """In-unit 2x up-sampling: (B, N, h, w, dim) -> (B, N, 2h, 2w, out_dim) via LN(dim) and
+    Linear(dim -> 4 * out_dim, no bias), each token becoming its 2x2 children (row-major)."""
+
+    def __init__(self, dim: int, out_dim: int, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.reduction = nn.Linear(dim, 4 * out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, h, w, _ = x.shape
+        x = self.reduction(self.norm(x)).reshape(b, n, h, w, 2, 2, self.out_dim)
+        return x.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, n, 2 * h, 2 * w, self.out_dim)
+
+
+class FeaturePyramid(nn.Module):
+    """iTPN's in-unit feature pyramid (``num_outs=3``), top-down from the main stage.
+
+    ``forward(x, features)``: x (B, K, C) main-stage tokens; features = [f4 (B, K, 4, 4, C/4),
+    f8 (B, K, 2, 2, C/2)] from the stems. Returns three levels, coarse to fine:
+    (B, K, 1, 1, fpn_dim), (B, K, 2, 2, fpn_dim), (B, K, 4, 4, fpn_dim). Every block is MLP-only
+    (``mlp_ratio`` 4, no drop path), so the pyramid, like the stems, never mixes units.
+    """
+
+    def __init__(self, embed_dim: int, fpn_dim: int = 256, fpn_depth: int = 2, mlp_ratio: float = 4.0,
+                 norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        if isinstance(fpn_dim, bool) or not isinstance(fpn_dim, int) or fpn_dim <= 0:
+            raise ConfigError("method.model.fpn_dim", fpn_dim, "a positive integer, e.g. 256")
+        if isinstance(fpn_depth, bool) or not isinstance(fpn_depth, int) or fpn_depth < 0:
+            raise ConfigError("method.model.fpn_depth", fpn_depth, "a non-negative integer (pixel 2, CLIP 1)")
+        self.fpn_dim = fpn_dim
+
+        def blocks(count: int) -> list[HiViTBlock]:
+            return [HiViTBlock(fpn_dim, 0, mlp_ratio, norm_eps=norm_eps) for _ in range(count)]
+
+        self.align_dim_16tofpn = nn.Linear(embed_dim, fpn_dim) if embed_dim != fpn_dim else None
+        self.split_16to8 = PatchSplit(embed_dim, fpn_dim, norm_eps)
+        self.align_dim_16to8 = nn.Linear(embed_dim // 2, fpn_dim, bias=False)
+        self.block_16to8 = nn.Sequential(*blocks(fpn_depth))
+        self.split_8to4 = PatchSplit(fpn_dim, fpn_dim, norm_eps)
+        self.align_dim_8to4 = nn.Linear(embed_dim // 4, fpn_dim, bias=False)
+        self.block_8to4 = nn.Sequential(*blocks(fpn_depth))
+        self.fpn_modules = nn.ModuleList(blocks(3))
+        self.apply(init_trunc_normal)
+
+    def forward(self, x: torch.Tensor, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        x = x[:, :, None, None, :]
+        outs = [x if self.align_dim_16tofpn is None else self.align_dim_16tofpn(x)]
+        x = self.block_16to8(self.split_16to8(x) + self.align_dim_16to8(features[1]))
+        outs.append(x)
+        x = self.block_8to4(self.split_8to4(x) + self.align_dim_8to4(features[0]))
+        outs.append(x)
+        return [module(out) for module, out in zip(self.fpn_modules, outs)]
+
+
+def pyramid_embed(dim: int, fpn_dim: int, norm_eps: float = 1e-6) -> nn.ModuleList:
+    """``decoder_embed``: per level LN(fpn_dim) + Linear(fpn_dim -> dim / 4**level), so that each level,
+    flattened over its 1, 4 or 16 sub-tokens, is ``dim`` wide per unit."""
+    return nn.ModuleList(
+        nn.Sequential(nn.LayerNorm(fpn_dim, eps=norm_eps), nn.Linear(fpn_dim, dim // 4**level)) for level in range(3)
+    )
+
+
+def check_pyramid_width(dim: int, key: str) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 16:
+        raise ConfigError(key, dim, "a positive multiple of 16 (the 4x4 level is embedded at width/16 per sub-token)")
+
+
+class PyramidDecoder(nn.Module):
+    """The iTPN-pixel decoder: fuse the three pyramid levels with mask tokens, then a ViT decoder.
+
+    ``forward(levels, ids_restore)``: levels as :class:`FeaturePyramid` returns them for the K visible
+    units; ids_restore (B, N). Each level is embedded to (B, K, dim), padded with the *same* mask token
+    to N units and un-shuffled; the sum ``lvl16 + pos + lvl8 + lvl4`` (hidden units get 3 * mask_token +
+    pos) runs through ``depth`` blocks, LN and Linear(dim -> p*p*3). Output (B, N, p*p*3).
+    """
+
+    def __init__(self, fpn_dim: int, grid: tuple[int, int], patch_size: int, dim: int = 512, depth: int = 8,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, in_chans: int = 3, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        check_pyramid_width(dim, "method.model.decoder_dim")
+        check_heads(dim, num_heads, "method.model.decoder_heads")
+        self.grid = grid
+        self.decoder_embed = pyramid_embed(dim, fpn_dim, norm_eps)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(HiViTBlock(dim, num_heads, mlp_ratio, norm_eps=norm_eps) for _ in range(depth))
+        self.decoder_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.decoder_pred = nn.Linear(dim, patch_size * patch_size * in_chans)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_pos_embed.shape[-1], self.grid).unsqueeze(0))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(init_trunc_normal)
+
+    def forward(self, levels: Sequence[torch.Tensor], ids_restore: torch.Tensor) -> torch.Tensor:
+        batch, length = ids_restore.shape
+        fused = None
+        for level, embed in zip(levels, self.decoder_embed):
+            x = embed(level).reshape(batch, level.shape[1], -1)
+            x = torch.cat([x, self.mask_token.expand(batch, length - x.shape[1], -1).to(x.dtype)], dim=1)
+            x = torch.gather(x, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[-1]))
+            fused = x + self.decoder_pos_embed if fused is None else fused + x
+        for block in self.decoder_blocks:
+            fused = block(fused)
+        return self.decoder_pred(self.decoder_norm(fused))
+
+
+def flat_unit_mask(mask: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Check a (B, gh, gw) or (B, gh*gw) mask against the unit grid and return it as (B, L) bool."""
+    length = grid[0] * grid[1]
+    if mask.shape[0] != batch or mask[0].numel() != length or (mask.ndim == 3 and tuple(mask.shape[1:]) != grid):
+        raise ConfigError("mask", tuple(mask.shape), f"a bool mask of shape ({batch}, {grid[0]}, {grid[1]}) on the "
+                          f"{grid[0]}x{grid[1]} unit grid (mask.unit = backbone.patch_size)")
+    return mask.reshape(batch, length).bool()
+
+
+@dataclass
+class PyramidEncoding:
+    """What the pixel encoder hands the decoder: ``levels`` (three (B, K, s, s, fpn_dim) tensors, s = 1, 2, 4),
+    ``latent`` (B, K, C) main-stage tokens, ``ids_restore`` (B, N) and the flat ``mask`` (B, N)."""
+
+    levels: list[torch.Tensor]
+    latent: torch.Tensor
+    ids_restore: torch.Tensor
+    mask: torch.Tensor
+
+
+class ITPNPixel(nn.Module):
+    """iTPN-pixel pretraining model: ``model(images, mask=None) -> MIMOutput``.
+
+    Args:
+        backbone: a ``hivit`` backbone spec (``conf/backbone/hivit_*.yaml``).
+        img_size: input size in pixels, a multiple of the 16 px unit.
+        mask_ratio: hidden fraction for masks drawn in the model when ``mask`` is None (0.75).
+        norm_pix_loss: per-unit normalized pixel targets (hard-wired on in the official code).
+        fpn_dim, fpn_depth: pyramid width (256) and MLP blocks per up-sampling step (2).
+        decoder_dim, decoder_depth, decoder_heads: the fused decoder (official 512, 8, 16).
+        drop_path_rate, rpe, ape_init: encoder options (official pretraining: 0, no RPE, sin-cos APE).
+
+    ``output.latent`` holds the main-stage tokens of the visible units (B, K, C), in raster order.
+    """
+
+    families = ("hivit",)
+
+    def __init__(self, backbone: Mapping[str, Any], img_size: int | Sequence[int] = 224, mask_ratio: float = 0.75,
+                 norm_pix_loss: bool = True, fpn_dim: int = 256, fpn_depth: int = 2, decoder_dim: int = 512,
+                 decoder_depth: int = 8, decoder_heads: int = 16, drop_path_rate: float = 0.0, rpe: bool = False,
+                 ape_init: str = "sincos", in_chans: int = 3) -> None:
+        super().__init__()
+        require_family(backbone, self.families, "iTPN")
+        self.mask_ratio = check_ratio(mask_ratio)
+        self.norm_pix_loss = bool(norm_pix_loss)
+        self.encoder: HiViT = hivit_from_spec(backbone, img_size, drop_path_rate=drop_path_rate, rpe=rpe,
+                                              ape_init=ape_init, in_chans=in_chans)
+        self.patch_size = self.encoder.patch_size
+        self.grid = self.encoder.grid
+        mlp_ratio = float(backbone.get("mlp_ratio", 4.0))
+        self.pyramid = FeaturePyramid(self.encoder.embed_dim, fpn_dim, fpn_depth, mlp_ratio)
+        self.decoder = PyramidDecoder(fpn_dim, self.grid, self.patch_size, decoder_dim, decoder_depth, decoder_heads,
+                                      mlp_ratio, in_chans)
+
+    def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> PyramidEncoding:
+        """Drop hidden units after the patch embedding, run stems, main stage and pyramid on the rest."""
+        batch = images.shape[0]
+        if mask is None:
+            mask = random_mask(batch, self.grid, self.mask_ratio, device=images.device)
+        flat_mask = flat_unit_mask(mask, batch, self.grid)
+        ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask)
+        keep_ids = ids_shuffle[:, :len_keep]
+        x, features = self.encoder.forward_stem(images, keep_ids)
+        latent, _ = self.encoder.forward_main(x, keep_ids)
+        return PyramidEncoding(self.pyramid(latent, features), latent, ids_restore, flat_mask)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
+        encoding = self.encode(images, mask)
+        pred = self.decoder(encoding.levels, encoding.ids_restore)
+        target = patchify(images, self.patch_size)
+        if self.norm_pix_loss:
+            normalized, mean, var = normalize_patches(target)
+            loss = masked_mse(pred, normalized, encoding.mask)
+            pixels = denormalize_patches(pred.float(), mean, var)
+        else:
+            loss = masked_mse(pred, target, encoding.mask)
+            pixels = pred.float()
+        return MIMOutput(loss=loss, pred=unpatchify(pixels, self.patch_size, self.grid, images.shape[1]),
+                         mask=encoding.mask.reshape(images.shape[0], *self.grid), latent=encoding.latent)
