@@ -35,7 +35,8 @@ from timm.models.beit import Block, RelativePositionBias
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import check_divisible, to_pair
+from mim_lightning.masking import check_divisible
+from mim_lightning.models.backbones.vit import vit_spec_kwargs
 
 
 def _trunc_normal_one_sigma(tensor: torch.Tensor, std: float = 0.02) -> None:
@@ -141,13 +142,4 @@ def _init_simmim_vit_weights(module: nn.Module) -> None:
 
 def simmim_vit_from_spec(backbone: Mapping[str, Any], img_size: int | Sequence[int], **overrides: Any) -> SimMIMViTEncoder:
     """Build a :class:`SimMIMViTEncoder` from a ``conf/backbone/vit_*.yaml`` mapping."""
-    kwargs = dict(
-        img_size=to_pair(img_size),
-        patch_size=int(backbone["patch_size"]),
-        embed_dim=int(backbone["embed_dim"]),
-        depth=int(backbone["depth"]),
-        num_heads=int(backbone["num_heads"]),
-        mlp_ratio=float(backbone.get("mlp_ratio", 4.0)),
-    )
-    kwargs.update(overrides)
-    return SimMIMViTEncoder(**kwargs)
+    return SimMIMViTEncoder(**{**vit_spec_kwargs(backbone, img_size), **overrides})

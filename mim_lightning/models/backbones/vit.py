@@ -7,8 +7,9 @@ encoder checkpoints load into it (attention runs through timm's fused ``scaled_d
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Sequence
+from typing import Any
 
 import torch
 from timm.layers import PatchEmbed
@@ -79,9 +80,9 @@ def init_linear_and_norm(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def vit_from_spec(backbone: dict, img_size: int | Sequence[int], **overrides) -> ViTEncoder:
-    """Build a :class:`ViTEncoder` from a ``conf/backbone/vit_*.yaml`` mapping."""
-    kwargs = dict(
+def vit_spec_kwargs(backbone: Mapping[str, Any], img_size: int | Sequence[int]) -> dict[str, Any]:
+    """The size arguments of a ViT encoder from a ``conf/backbone/vit_*.yaml`` mapping."""
+    return dict(
         img_size=to_pair(img_size),
         patch_size=int(backbone["patch_size"]),
         embed_dim=int(backbone["embed_dim"]),
@@ -89,5 +90,8 @@ def vit_from_spec(backbone: dict, img_size: int | Sequence[int], **overrides) ->
         num_heads=int(backbone["num_heads"]),
         mlp_ratio=float(backbone.get("mlp_ratio", 4.0)),
     )
-    kwargs.update(overrides)
-    return ViTEncoder(**kwargs)
+
+
+def vit_from_spec(backbone: Mapping[str, Any], img_size: int | Sequence[int], **overrides: Any) -> ViTEncoder:
+    """Build a :class:`ViTEncoder` from a ``conf/backbone/vit_*.yaml`` mapping."""
+    return ViTEncoder(**{**vit_spec_kwargs(backbone, img_size), **overrides})
