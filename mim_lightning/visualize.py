@@ -34,6 +34,21 @@ def reconstruction_panels(images: torch.Tensor, pred: torch.Tensor, mask: torch.
     return torch.stack([original, masked, prediction, pasted], dim=1)
 
 
+def mixing_panels(images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, mean: Sequence[float],
+                  std: Sequence[float]) -> torch.Tensor:
+    """MixMAE view, (B, 3, 3, H, W) in [0, 1]: original, the mixed image the encoder saw (sample i takes
+    sample B-1-i where the batch mask is set) and the un-mixed reconstruction. Rows come in pairs
+    (0, B-1, 1, B-2, ...), so both mixes of a pair and both reconstructions sit next to each other."""
+    images, pred = images.float().cpu(), pred.float().cpu()
+    taken = mask_to_pixels(mask.cpu(), images.shape[-2:])
+    original = denormalize(images, mean, std)
+    mixed = torch.where(taken, original.flip(0), original)
+    panels = torch.stack([original, mixed, denormalize(pred, mean, std)], dim=1)
+    count = images.shape[0]
+    order = [i for k in range((count + 1) // 2) for i in dict.fromkeys((k, count - 1 - k))]
+    return panels[order]
+
+
 def panels_to_grid(panels: torch.Tensor, pad: int = 2) -> np.ndarray:
     """(B, P, 3, H, W) in [0, 1] -> one uint8 (rows*(H+pad), P*(W+pad), 3) image, a row per sample."""
     b, p, c, h, w = panels.shape

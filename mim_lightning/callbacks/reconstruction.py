@@ -13,13 +13,14 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from mim_lightning.data.datamodule import collate_batch_mask
-from mim_lightning.visualize import panels_to_grid, reconstruction_panels
+from mim_lightning.visualize import mixing_panels, panels_to_grid, reconstruction_panels
 
 
 class ReconstructionImages(Callback):
     """Every ``every_n_steps`` optimizer steps and when training ends, run the model on the first
     ``num_images`` validation images with their fixed masks and write
-    ``<dirpath>/step_<step>.png`` (rows: images; columns: original, masked, prediction, pasted), and
+    ``<dirpath>/step_<step>.png`` (rows: images; columns: original, masked, prediction, pasted; for
+    MixMAE, whose model sets ``mixes_batch``: original, mixed input, un-mixed reconstruction), and
     log it to TensorBoard and Weights & Biases when those loggers are on. Norm-pix predictions arrive
     already mapped back to pixels with the target patches' statistics (``MIMOutput.pred``).
     """
@@ -57,7 +58,8 @@ class ReconstructionImages(Callback):
             output = pl_module.model(images, mask=None if mask is None else mask.to(pl_module.device))
         pl_module.train(was_training)
         datamodule = trainer.datamodule
-        panels = reconstruction_panels(images, output.pred, output.mask, datamodule.mean, datamodule.std)
+        view = mixing_panels if getattr(pl_module.model, "mixes_batch", False) else reconstruction_panels
+        panels = view(images, output.pred, output.mask, datamodule.mean, datamodule.std)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step_{trainer.global_step:07d}.png"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -78,7 +80,7 @@ class ReconstructionImages(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("reconstructions", grid, step, dataformats="HWC")
             elif isinstance(logger, WandbLogger):
-                captions = [f"val image {i}: original | masked | prediction | pasted" for i in range(len(per_image))]
+                captions = [f"val image {i}" for i in range(len(per_image))]
                 logger.log_image(key="reconstructions", images=per_image, step=step, caption=captions)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -123,6 +123,8 @@ class MixMAE(nn.Module):
     """
 
     families = ("swin",)
+    #: Samples are mixed with their partner in the batch (the reconstruction view shows both mixes).
+    mixes_batch = True
 
     def __init__(self, backbone: Mapping[str, Any], img_size: int | Sequence[int] = 224, mask_ratio: float = 0.5,
                  mask_ratio_range: float = 0.0, norm_pix_loss: bool = True,
