@@ -89,8 +89,10 @@ def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
     Checkpoints are written atomically; the DataModules shard data by rank themselves, so Lightning's
     sampler replacement is off.
     """
-    strategy = str(cfg.trainer.get("strategy", "auto"))
-    plugins = [] if "fsdp" in strategy else [AtomicCheckpointIO()]
+    node = cfg.trainer.get("strategy", "auto")
+    strategy = str(node.get("_target_", "")) if isinstance(node, DictConfig) else str(node)
+    # FSDP writes sharded checkpoint folders through its own checkpoint IO
+    plugins = [] if "fsdp" in strategy.lower() else [AtomicCheckpointIO()]
     loggers = build_loggers(cfg)
     kwargs = dict(callbacks=build_callbacks(cfg), logger=loggers if loggers else False, plugins=plugins,
                   use_distributed_sampler=False)
@@ -155,7 +157,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 def continue_wandb_run(cfg: DictConfig, ckpt_path: str) -> None:
     """Point the W&B logger at the run id stored in the checkpoint, so a resume continues that run."""
     node = (cfg.get("logger") or {}).get("wandb")
-    if node is None or node.get("id"):
+    if node is None or node.get("id") or Path(ckpt_path).is_dir():  # sharded checkpoints: no single file to read
         return
     import torch
 
@@ -168,8 +170,27 @@ def continue_wandb_run(cfg: DictConfig, ckpt_path: str) -> None:
             node.resume = "allow"
 
 
+def check_multirun_strategy(cfg: DictConfig) -> None:
+    """A local ``-m`` sweep cannot use ``strategy=ddp``: Lightning starts the other ranks by re-running
+    the command line, so every rank would run the whole sweep. ``ddp_spawn`` (or one SLURM job per point)
+    gives each job its own process group."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launched = any(v in os.environ for v in ("SLURM_NTASKS", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"))
+    if str(cfg.trainer.get("strategy")) == "ddp" and str(cfg.trainer.get("devices")) not in ("1",) and not launched:
+        raise ConfigError("trainer.strategy", "ddp", "trainer.strategy=ddp_spawn in a local -m sweep, or "
+                          "hydra/launcher=submitit_slurm (one SLURM task per GPU)",
+                          "Lightning would re-run the whole sweep in every rank")
+
+
 def pretrain(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
+    check_multirun_strategy(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
@@ -195,3 +216,45 @@ def finish_wandb_runs(trainer: pl.Trainer) -> None:
         import wandb
 
         wandb.finish()
+
+
+def build_finetune_module(cfg: DictConfig, num_classes: int | None = None) -> pl.LightningModule:
+    """The finetuning / linear-probing LightningModule of a composed ``conf/finetune.yaml``
+    (``module.model`` is the plain classifier), with ``cfg.pretrained`` loaded into its encoder."""
+    from mim_lightning.methods.finetune import build_finetune_module as build
+
+    try:
+        return build(cfg, num_classes)
+    except Exception as exc:  # noqa: BLE001
+        from mim_lightning.config import as_config_error
+
+        error = as_config_error(exc)
+        if error is not None:
+            raise error from None
+        raise
+
+
+def build_finetune_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """The labelled DataModule of a composed ``conf/finetune.yaml``."""
+    from mim_lightning.data.classification import build_classification_datamodule
+
+    return build_classification_datamodule(cfg)
+
+
+def finetune(cfg: DictConfig) -> pl.Trainer:
+    """Run (or resume, with ``ckpt_path``) the finetuning or linear probing that ``cfg`` describes."""
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is not None:
+        continue_wandb_run(cfg, ckpt_path)
+    datamodule = build_finetune_datamodule(cfg)
+    datamodule.setup("fit")
+    module = build_finetune_module(cfg, num_classes=len(datamodule.classes) if cfg.get("num_classes") is None else None)
+    trainer = build_trainer(cfg)
+    if trainer.is_global_zero:
+        save_run_config(cfg, cfg.run_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        finish_wandb_runs(trainer)
+    return trainer

@@ -36,10 +36,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why ``path`` is not a usable checkpoint (missing, empty, truncated, corrupt), or None if it loads."""
+    """Why ``path`` is not a usable checkpoint (missing, empty, truncated, corrupt), or None if it loads.
+
+    A sharded FSDP checkpoint (a ``*.ckpt`` folder holding ``meta.pt``) counts as usable without loading it.
+    """
     import zipfile
 
     path = Path(path)
+    if path.is_dir():
+        # a sharded (FSDP) checkpoint: a folder with Lightning's metadata file and one shard per rank
+        return None if (path / "meta.pt").is_file() else "a folder that is not a sharded checkpoint (no meta.pt)"
     if not path.is_file():
         return "no such file"
     if path.stat().st_size == 0:

@@ -22,21 +22,44 @@ NO_DECAY_RULES: dict[str, Callable[[str, torch.Tensor], bool]] = {
 }
 
 
-def param_groups(model: nn.Module, weight_decay: float, rule: str = "ndim_or_bias",
-                 skip: Iterable[str] = ()) -> list[dict]:
-    """Two parameter groups, decayed and not, over the trainable parameters of ``model``.
+#: Name segments that wrappers (FSDP, activation checkpointing, torch.compile) insert into parameter names.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-    ``rule`` names an entry of :data:`NO_DECAY_RULES`; ``skip`` adds names (substrings) that are
-    never decayed. Frozen parameters (``requires_grad=False``, e.g. fixed sin-cos tables) are left out.
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without the segments FSDP / checkpointing / compile wrappers add."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def no_decay_names(model: nn.Module, rule: str = "ndim_or_bias", skip: Iterable[str] = ()) -> set[str]:
+    """Names of the parameters ``rule`` (plus ``skip`` substrings) exempts from weight decay.
+
+    Computed on the unwrapped model: after FSDP flattens and shards parameters every tensor is 1-D,
+    so the ``ndim`` rule must be decided before wrapping and looked up by name afterwards.
     """
     if rule not in NO_DECAY_RULES:
         raise ConfigError("method.no_weight_decay", rule, ", ".join(sorted(NO_DECAY_RULES)))
     skip = tuple(skip)
+    return {unwrapped_name(name) for name, param in model.named_parameters()
+            if NO_DECAY_RULES[rule](name, param) or any(s in name for s in skip)}
+
+
+def param_groups(model: nn.Module, weight_decay: float, rule: str = "ndim_or_bias",
+                 skip: Iterable[str] = (), exempt: set[str] | None = None) -> list[dict]:
+    """Two parameter groups, decayed and not, over the trainable parameters of ``model``.
+
+    ``rule`` names an entry of :data:`NO_DECAY_RULES`; ``skip`` adds names (substrings) that are
+    never decayed; ``exempt`` (from :func:`no_decay_names`, taken before wrapping) overrides both.
+    Frozen parameters (``requires_grad=False``, e.g. fixed sin-cos tables) are left out.
+    """
+    exempt = no_decay_names(model, rule, skip) if exempt is None else exempt
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if NO_DECAY_RULES[rule](name, param) or any(s in name for s in skip):
+        if unwrapped_name(name) in exempt:
             no_decay.append(param)
         else:
             decay.append(param)
@@ -80,3 +103,30 @@ def warmup_multistep_factor(step: int, warmup_steps: int, milestones: list[int] 
     if step < warmup_steps:
         return warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_steps
     return gamma ** sum(step >= milestone for milestone in milestones)
+
+
+def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float,
+                             layer_id: Callable[[str], int], num_layers: int,
+                             no_weight_decay: Iterable[str] = ()) -> list[dict]:
+    """Parameter groups with layer-wise lr decay, as ``mae:util/lr_decay.py param_groups_lrd``.
+
+    A parameter of layer ``layer_id(name)`` gets ``lr_scale = layer_decay ** (num_layers - layer_id)``
+    (the head, at ``num_layers``, gets 1). 1-D parameters and the names in ``no_weight_decay`` (exact
+    names, e.g. timm's ``pos_embed``/``cls_token``) get no weight decay. Frozen parameters are left out.
+    Each group carries ``lr_scale``, ``layer_id`` and ``weight_decay``; multiply the lr by ``lr_scale``.
+    """
+    skip = set(no_weight_decay)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim == 1 or name in skip
+        lid = int(layer_id(name))
+        key = (lid, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "param_names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": float(layer_decay) ** (num_layers - lid), "layer_id": lid,
+                           "name": f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"}
+        groups[key]["params"].append(param)
+        groups[key]["param_names"].append(name)
+    return [groups[key] for key in sorted(groups)]

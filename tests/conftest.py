@@ -109,3 +109,41 @@ class SignalAtStep:
                     os.kill(os.getpid(), getattr(signals, signal))
 
         return _Signal()
+
+
+class RecordIndices:
+    """A callback (``+callbacks.record._target_=conftest.RecordIndices +callbacks.record.path=DIR``) that
+    writes the ``index`` of every training sample each rank saw to ``DIR/rank<k>.json``."""
+
+    def __new__(cls, path: str):
+        import json
+
+        from lightning.pytorch.callbacks import Callback
+
+        class _Record(Callback):
+            def __init__(self):
+                self.seen: list[int] = []
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                self.seen.extend(int(i) for i in batch["index"])
+
+            def on_train_end(self, trainer, pl_module):
+                Path(path).mkdir(parents=True, exist_ok=True)
+                (Path(path) / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+
+        return _Record()
+
+
+class RaiseAtStep:
+    """A callback (``+callbacks.crash._target_=conftest.RaiseAtStep``) that raises RuntimeError when
+    ``global_step`` reaches ``step``: an in-process crash between two optimizer steps."""
+
+    def __new__(cls, step: int):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Raise(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    raise RuntimeError(f"simulated crash at step {step}")
+
+        return _Raise()

@@ -76,3 +76,19 @@ def test_cosine_over_the_absolute_step_as_timm_without_warmup_prefix():
     assert f(5) == pytest.approx(0.5)
     assert f(10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))
     assert f(100) == pytest.approx(0.0)
+
+
+def test_decay_groups_survive_wrapping_and_flattening():
+    """FSDP flattens parameters to 1-D and adds name segments: decisions taken before wrapping hold."""
+    from mim_lightning.optim import no_decay_names
+
+    model = Toy()
+    exempt = no_decay_names(model)
+    wrapper = torch.nn.Module()
+    wrapper._fsdp_wrapped_module = model
+    with torch.no_grad():
+        model.linear.weight = nn.Parameter(model.linear.weight.reshape(-1))  # flattened, as FSDP does
+    names = {id(p): n for n, p in wrapper.named_parameters()}
+    groups = param_groups(wrapper, 0.05, exempt=exempt)
+    assert {names[id(p)] for p in groups[0]["params"]} == {"_fsdp_wrapped_module.cls_token",
+                                                          "_fsdp_wrapped_module.linear.weight"}

@@ -231,3 +231,18 @@ def test_bad_config_through_the_cli_prints_no_traceback(tmp_path, index):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+
+
+def test_resume_is_exact_with_drop_path_using_the_global_random_stream(tmp_path, folder):
+    """SimMIM's ViT uses drop-path (0.1), drawn from the global torch RNG: the checkpoint must restore
+    it, and building data iterators after the restore must not advance it."""
+    extra = ["method=simmim", "backbone.depth=2", "mask.unit=16"]
+    straight = pretrain(compose("pretrain", run_args(folder, tmp_path / "straight", *extra)))
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(compose("pretrain", run_args(folder, crashed, *extra, "+callbacks.crash._target_=conftest.RaiseAtStep",
+                                              "+callbacks.crash.step=16")))
+    assert torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 15
+    resumed = pretrain(compose("pretrain", run_args(folder, crashed, *extra, "resume=auto")))
+    assert resumed.global_step == 24
+    assert_same_weights(resumed.lightning_module.state_dict(), straight.lightning_module.state_dict())

@@ -147,6 +147,10 @@ class PretrainDataModule(pl.LightningDataModule):
         if resumable:
             extra["progress"] = self._batches_done
         loader_class = ResumableDataLoader if resumable else DataLoader
+        # Its own generator: creating an iterator draws a worker base seed, which must not advance the
+        # global torch RNG (a resumed run creates iterators at other points than an uninterrupted one, and
+        # model-side draws such as drop-path use the global stream). Samples are seeded per index anyway.
+        extra["generator"] = torch.Generator().manual_seed(self.seed)
         return loader_class(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
                             pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=drop_last, **extra)
 

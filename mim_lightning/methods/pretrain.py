@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.optim import param_groups, scaled_lr, warmup_cosine_factor, warmup_multistep_factor
+from mim_lightning.optim import no_decay_names, param_groups, scaled_lr, warmup_cosine_factor, warmup_multistep_factor
 
 DEFAULT_LR = {
     "base": 1.5e-4,
@@ -80,6 +80,8 @@ class PretrainModule(pl.LightningModule):
         self.weight_decay = float(weight_decay)
         self.no_weight_decay = no_weight_decay
         self.no_weight_decay_keys = tuple(no_weight_decay_keys)
+        # decided now, before a strategy (FSDP) wraps and flattens the parameters
+        self._no_decay_names = no_decay_names(model, no_weight_decay, self.no_weight_decay_keys)
         self.lr_config = {**DEFAULT_LR, **dict(lr or {})}
         if self.lr_config["schedule"] not in SCHEDULES:
             raise ConfigError("method.lr.schedule", self.lr_config["schedule"], ", ".join(SCHEDULES))
@@ -197,7 +199,7 @@ class PretrainModule(pl.LightningModule):
 
     def configure_optimizers(self):
         lr = self.learning_rate()
-        groups = param_groups(self.model, self.weight_decay, self.no_weight_decay, skip=self.no_weight_decay_keys)
+        groups = param_groups(self.model, self.weight_decay, exempt=self._no_decay_names)
         optimizer = self.optimizer_factory(groups, lr=lr)
         warmup, total = self.schedule_steps()
         min_lr, start_lr = self.min_and_warmup_start_lr()

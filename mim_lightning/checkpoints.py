@@ -1,0 +1,241 @@
+"""Official checkpoints and weight surgery: key converters, pos-embed and rel-pos-bias resizing.
+
+``convert_official(method, state_dict)`` maps an official *pretraining* checkpoint to the keys of this
+project's pretraining model (``MaskedAutoencoder`` for MAE, ...); the result loads with
+``model.load_state_dict(converted, strict=True)`` when the official file holds the whole model (MAE's
+``*_full.pth``), and its ``encoder.*`` part loads into the finetuning classifiers in every case.
+No network access: give it the state dict you downloaded yourself (``torch.load(path)["model"]``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from mim_lightning.errors import ConfigError
+
+# --------------------------------------------------------------------------- key converters
+
+#: MAE decoder keys (``mae:models_mae.py``) that live under ``decoder.`` in the project's MaskedAutoencoder.
+MAE_DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
+                        "decoder_pred.")
+MAE_ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+
+
+def unwrap_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
+    """The tensor dict inside an official checkpoint file: ``ckpt['model']`` (MAE, SimMIM, MixMIM, iTPN),
+    ``ckpt['state_dict']`` or the mapping itself; a ``module.`` (DDP) prefix is removed."""
+    for key in ("model", "state_dict", "module"):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    state = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _convert_mae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``mae:models_mae.py`` keys -> ``MaskedAutoencoder`` keys: the encoder keys (timm names, identical in
+    the project's :class:`~mim_lightning.models.backbones.vit.ViTEncoder`) go under ``encoder.``, the
+    decoder's (``mask_token``, ``decoder_*``) under ``decoder.``. Released encoder-only files give only
+    ``encoder.*`` keys."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(MAE_DECODER_PREFIXES):
+            out["decoder." + key] = value
+        elif key.startswith(MAE_ENCODER_PREFIXES):
+            out["encoder." + key] = value
+        else:
+            raise ConfigError("pretrained", key, "keys of an official MAE checkpoint (mae:models_mae.py)",
+                              "unknown key for MAE")
+    if "encoder.pos_embed" not in out or "encoder.blocks.0.attn.qkv.weight" not in out:
+        raise ConfigError("pretrained", "MAE", "an official MAE checkpoint (cls_token, pos_embed, blocks.*)",
+                          "the state dict has no ViT encoder keys; is it a checkpoint of another method?")
+    return out
+
+
+#: Buffers the official code saves and this project recomputes (non-persistent here).
+DERIVED_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask")
+
+
+def _require(out: Mapping[str, torch.Tensor], key: str, method: str, layout: str) -> None:
+    if key not in out:
+        raise ConfigError("pretrained", method, f"an official {method} checkpoint ({layout})",
+                          f"the state dict has no '{key}'; is it a checkpoint of another method?")
+
+
+def _convert_simmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``SimMIM:models/simmim.py`` keys (``encoder.*`` and the 1x1-conv ``decoder.0.*``) are the project's
+    already (Swin and ViT encoders use the official names); the buffers ``relative_position_index``,
+    ``relative_coords_table`` and ``attn_mask`` are dropped (recomputed here)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(DERIVED_BUFFERS):
+            continue
+        if not key.startswith(("encoder.", "decoder.")):
+            raise ConfigError("pretrained", key, "keys of an official SimMIM checkpoint (encoder.*, decoder.0.*)",
+                              "unknown key for SimMIM")
+        out[key] = value
+    _require(out, "decoder.0.weight", "SimMIM", "encoder.*, decoder.0.*")
+    return out
+
+
+MIXMIM_ENCODER_PREFIXES = ("patch_embed.", "absolute_pos_embed", "layers.", "norm.")
+MIXMIM_DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
+                           "decoder_pred.")
+
+
+def _convert_mixmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``MixMIM:models_mixmim.py`` keys -> ``MixMAE`` keys: the encoder's (``patch_embed``, ``absolute_pos_embed``,
+    ``layers``, ``norm``) under ``encoder.``, ``mask_token`` and ``decoder_*`` under ``decoder.``. The Swin
+    ``relative_position_index`` buffers are kept (the project's MixMIM encoder stores them too); ``attn_mask`` is dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith("attn_mask"):
+            continue
+        if key.startswith(MIXMIM_DECODER_PREFIXES):
+            out["decoder." + key] = value
+        elif key.startswith(MIXMIM_ENCODER_PREFIXES):
+            out["encoder." + key] = value
+        else:
+            raise ConfigError("pretrained", key, "keys of an official MixMIM checkpoint (models_mixmim.py)",
+                              "unknown key for MixMIM")
+    _require(out, "encoder.absolute_pos_embed", "MixMIM", "patch_embed, absolute_pos_embed, layers.*")
+    return out
+
+
+ITPN_ENCODER_PREFIXES = ("patch_embed.", "absolute_pos_embed", "blocks.")
+ITPN_PYRAMID_PREFIXES = ("align_dim_", "split_", "block_16to8.", "block_8to4.", "fpn_modules.")
+ITPN_DECODER_PREFIXES = ("mask_token", "decoder_")
+
+
+def _convert_itpn(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``iTPN:itpn_pixel/models/models_itpn_mim.py`` keys -> ``ITPNPixel`` keys: HiViT (``patch_embed``,
+    ``absolute_pos_embed``, ``blocks``) under ``encoder.``; ``align_dim_*``, ``split_*``, ``block_16to8``,
+    ``block_8to4``, ``fpn_modules`` under ``pyramid.``; ``decoder_*`` and ``mask_token`` under ``decoder.``;
+    ``relative_position_index`` buffers dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(DERIVED_BUFFERS):
+            continue
+        if key.startswith(ITPN_ENCODER_PREFIXES):
+            out["encoder." + key] = value
+        elif key.startswith(ITPN_PYRAMID_PREFIXES):
+            out["pyramid." + key] = value
+        elif key.startswith(ITPN_DECODER_PREFIXES):
+            out["decoder." + key] = value
+        else:
+            raise ConfigError("pretrained", key, "keys of an official iTPN-pixel checkpoint (models_itpn_mim.py)",
+                              "unknown key for iTPN")
+    _require(out, "encoder.absolute_pos_embed", "iTPN", "patch_embed, absolute_pos_embed, blocks.*")
+    return out
+
+
+CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "mae": _convert_mae,
+    "simmim": _convert_simmim,
+    "mixmae": _convert_mixmim,
+    "mixmim": _convert_mixmim,
+    "itpn": _convert_itpn,
+}
+
+
+def convert_official(method: str, state_dict: Mapping) -> dict[str, torch.Tensor]:
+    """Map an official pretraining checkpoint of ``method`` to this project's pretraining-model keys.
+
+    ``state_dict`` may be the file's whole content (``{'model': ...}``). Raises :class:`ConfigError`
+    naming the method for a method without a converter or a state dict of another layout.
+    """
+    if method not in CONVERTERS:
+        raise ConfigError("method", method, ", ".join(sorted(CONVERTERS)), "no official-checkpoint converter")
+    return CONVERTERS[method](unwrap_state_dict(state_dict))
+
+
+# --------------------------------------------------------------------------- resizing
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int = 1,
+                     old_grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Bicubic resize of a (1, P + h*w, D) absolute position embedding to ``new_grid``; the ``P`` prefix
+    (cls) rows are copied unchanged, as ``mae:util/pos_embed.py interpolate_pos_embed`` (``align_corners=False``,
+    no antialiasing). ``old_grid`` defaults to the square root of the token count."""
+    prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    count, dim = grid_tokens.shape[1], grid_tokens.shape[2]
+    if old_grid is None:
+        side = int(math.isqrt(count))
+        if side * side != count:
+            raise ConfigError("pretrained", tuple(pos_embed.shape), "a pos_embed of a square grid (plus prefix tokens)")
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    grid = grid_tokens.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def _geometric_offsets(src_size: int, dst_size: int) -> "np.ndarray":
+    """SimMIM/BEiT's source coordinates: offsets growing geometrically from the centre so that the
+    ``src_size`` table spans the ``dst_size`` one (the ratio found by bisection, as ``SimMIM:utils.py``)."""
+    import numpy as np
+
+    half_src, half_dst = src_size // 2, dst_size // 2
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        total = (1.0 - q ** half_src) / (1.0 - q)
+        if total > half_dst:
+            right = q
+        else:
+            left = q
+    distances, current = [], 1.0
+    for i in range(half_src):
+        distances.append(current)
+        current += q ** (i + 1)
+    return np.array([-d for d in reversed(distances)] + [0.0] + distances)
+
+
+def resize_rel_pos_bias(table: torch.Tensor, new_window: int | tuple[int, int], old_window: int | None = None,
+                        mode: str = "geometric") -> torch.Tensor:
+    """Resize a Swin ``relative_position_bias_table`` ((2w-1)^2, heads) to window ``new_window``.
+
+    ``mode='geometric'``: SimMIM's ``load_pretrained`` resampling (cubic interpolation over source points
+    spaced in a geometric progression from the centre; the official ``scipy.interpolate.interp2d(kind='cubic')``
+    was removed from SciPy 1.14, so an interpolating bicubic ``RectBivariateSpline`` on the same points is used,
+    needs scipy). ``mode='bicubic'``: ``F.interpolate`` on the uniform grid (torch only). Both keep the centre
+    value (relative offset 0) exactly for odd-to-odd sizes (6 -> 7 is 11x11 -> 13x13).
+    """
+    import numpy as np
+
+    rows, heads = table.shape
+    src = int(math.isqrt(rows))
+    if src * src != rows:
+        raise ConfigError("pretrained", tuple(table.shape), "a relative_position_bias_table of (2w-1)^2 rows")
+    if old_window is not None and 2 * int(old_window) - 1 != src:
+        raise ConfigError("pretrained", tuple(table.shape), f"a table for window {old_window}")
+    new = new_window if isinstance(new_window, int) else int(new_window[0])
+    dst = 2 * int(new) - 1
+    if dst == src:
+        return table
+    grid = table.detach().float().reshape(src, src, heads)
+    if mode == "bicubic":
+        out = F.interpolate(grid.permute(2, 0, 1).unsqueeze(0), size=(dst, dst), mode="bicubic", align_corners=False)
+        return out[0].permute(1, 2, 0).reshape(dst * dst, heads).to(table.dtype)
+    if mode != "geometric":
+        raise ConfigError("rel_pos_resize", mode, "geometric, bicubic")
+    try:
+        from scipy.interpolate import RectBivariateSpline
+    except ImportError:  # pragma: no cover - scipy ships with most installs
+        raise ConfigError("rel_pos_resize", mode, "bicubic (scipy is not installed)") from None
+    coords = _geometric_offsets(src, dst)
+    targets = np.arange(-(dst // 2), dst // 2 + 0.1, 1.0)
+    columns, order = [], min(3, src - 1)  # cubic; lower order only for tables too small for it (window 2)
+    for head in range(heads):
+        spline = RectBivariateSpline(coords, coords, grid[:, :, head].numpy().astype(np.float64), kx=order, ky=order,
+                                     s=0)
+        columns.append(torch.from_numpy(spline(targets, targets)).reshape(-1))
+    return torch.stack(columns, dim=1).to(table.dtype)

@@ -1,0 +1,48 @@
+"""Finetuning / linear-probing entry point: ``python -m mim_lightning.finetune [group=option ...] [key=value ...]``.
+
+Composes ``conf/finetune.yaml``: ``method=`` names the pretraining method (its recipe is
+``conf/finetune/method/<method>.yaml``), ``pretrained=`` the weights, ``mode=finetune|linear_probe``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mim_lightning.api import finetune
+from mim_lightning.cli import EXIT_CONFIG_ERROR, check_argv, fail, run_or_exit
+from mim_lightning.config import CONF_DIR, normalize_overrides
+
+
+def finetune_methods() -> list[str]:
+    """Methods with a finetuning recipe (``conf/finetune/method/*.yaml``)."""
+    return sorted(p.stem for p in (CONF_DIR / "finetune" / "method").glob("*.yaml"))
+
+
+def check_method(argv: list[str]) -> None:
+    """A ``method=`` without a finetuning recipe fails in one line (before Hydra's multi-line report)."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key == "method" and value not in finetune_methods():
+            fail(f"method={value!r}: no finetuning recipe conf/finetune/method/{value}.yaml; "
+                 f"allowed: {', '.join(finetune_methods())}", EXIT_CONFIG_ERROR)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="finetune", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    run_or_exit(finetune, cfg)
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
+    check_argv(sys.argv[1:])
+    check_method(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
