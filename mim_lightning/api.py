@@ -192,12 +192,18 @@ def pretrain(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
     check_multirun_strategy(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return fit_run(cfg, build_datamodule, lambda datamodule: build_pretrain_module(cfg))
+
+
+def fit_run(cfg: DictConfig, make_datamodule, make_module) -> pl.Trainer:
+    """Build and fit one run: resolve the checkpoint to resume, check the data before any process is
+    launched, write the run config, and close the W&B run at the end."""
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
         continue_wandb_run(cfg, ckpt_path)
-    datamodule = build_datamodule(cfg)
+    datamodule = make_datamodule(cfg)
     datamodule.setup("fit")  # finds bad data settings before any process is launched (idempotent)
-    module = build_pretrain_module(cfg)
+    module = make_module(datamodule)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         save_run_config(cfg, cfg.run_dir)
@@ -244,17 +250,5 @@ def build_finetune_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 def finetune(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the finetuning or linear probing that ``cfg`` describes."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    ckpt_path = resolve_ckpt_path(cfg)
-    if ckpt_path is not None:
-        continue_wandb_run(cfg, ckpt_path)
-    datamodule = build_finetune_datamodule(cfg)
-    datamodule.setup("fit")
-    module = build_finetune_module(cfg, num_classes=len(datamodule.classes) if cfg.get("num_classes") is None else None)
-    trainer = build_trainer(cfg)
-    if trainer.is_global_zero:
-        save_run_config(cfg, cfg.run_dir)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    finally:
-        finish_wandb_runs(trainer)
-    return trainer
+    return fit_run(cfg, build_finetune_datamodule, lambda datamodule: build_finetune_module(
+        cfg, num_classes=len(datamodule.classes) if cfg.get("num_classes") is None else None))

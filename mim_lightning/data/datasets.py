@@ -28,16 +28,21 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, 16-bit and float
+    images are converted (``load`` is called, so truncated data fails here)."""
+    image.load()
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit(image)
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image file as 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, 16-bit and
-    float images are converted."""
+    """Open an image file as 8-bit RGB (see :func:`as_rgb`)."""
     with Image.open(path) as image:
-        image.load()
-        if image.mode.startswith("I") or image.mode == "F":
-            image = _to_8bit(image)
-        elif image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        return image.convert("RGB")
+        return as_rgb(image)
 
 
 class ImageDataset(Dataset):
@@ -68,6 +73,13 @@ class ImageDataset(Dataset):
     def num_bad(self) -> int:
         return int(self.bad.sum())
 
+    #: Exceptions that mark a sample unreadable (skipped and counted) rather than a bug.
+    unreadable: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+    def open_image(self, sample: Sample) -> Image.Image:
+        """The sample's image as 8-bit RGB (a file here; other datasets read rows or bytes)."""
+        return load_rgb(sample.path)
+
     def _load(self, index: int) -> tuple[Sample, Image.Image]:
         count = len(self.samples)
         for offset in range(min(count, MAX_CONSECUTIVE_BAD)):
@@ -76,8 +88,8 @@ class ImageDataset(Dataset):
                 continue
             sample = self.samples[position]
             try:
-                return sample, load_rgb(sample.path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                return sample, self.open_image(sample)
+            except self.unreadable as exc:
                 self.bad[position] = True
                 warnings.warn(f"skipping unreadable image {sample.path}: {type(exc).__name__}: {exc}", stacklevel=2)
         raise RuntimeError(f"no readable image among {min(count, MAX_CONSECUTIVE_BAD)} files starting at "

@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from mim_lightning.data.datamodule import PretrainDataModule, collate_batch_mask, split_train_val
-from mim_lightning.data.datasets import MAX_CONSECUTIVE_BAD, ImageDataset, _to_8bit, load_rgb
+from mim_lightning.data.datasets import ImageDataset, as_rgb, load_rgb
 from mim_lightning.data.sources import Sample
 from mim_lightning.data.transforms import MIMTransform
 from mim_lightning.errors import ConfigError
@@ -64,12 +64,7 @@ def to_rgb(value: Any) -> Image.Image:
         value = Image.fromarray(np.asarray(value, dtype=np.uint8))
     if not isinstance(value, Image.Image):
         raise ValueError(f"not an image: {type(value).__name__}")
-    value.load()
-    if value.mode.startswith("I") or value.mode == "F":
-        value = _to_8bit(value)
-    elif value.mode == "P" and "transparency" in value.info:
-        value = value.convert("RGBA")
-    return value.convert("RGB")
+    return as_rgb(value)
 
 
 def load_hf(path: str | None, name: str | None, split: str, cache_dir: str | None, streaming: bool,
@@ -114,20 +109,11 @@ class HFImageDataset(ImageDataset):
         self.table = table
         self.image_column = image_column
 
-    def _load(self, index: int) -> tuple[Sample, Image.Image]:
-        count = len(self.samples)
-        for offset in range(min(count, MAX_CONSECUTIVE_BAD)):
-            position = (index + offset) % count
-            if self.bad[position]:
-                continue
-            sample = self.samples[position]
-            try:
-                return sample, to_rgb(self.table[int(sample.path)][self.image_column])
-            except (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError) as exc:
-                self.bad[position] = True
-                warnings.warn(f"skipping unreadable row {sample.path}: {type(exc).__name__}: {exc}", stacklevel=2)
-        raise RuntimeError(f"no readable image among {min(count, MAX_CONSECUTIVE_BAD)} rows starting at row "
-                           f"{self.samples[index % count].path}; {self.num_bad()} unreadable so far")
+    unreadable = ImageDataset.unreadable + (TypeError,)
+
+    def open_image(self, sample: Sample) -> Image.Image:
+        """Row ``sample.path`` (its row number) of the table."""
+        return to_rgb(self.table[int(sample.path)][self.image_column])
 
 
 class HFStreamDataset(IterableDataset):

@@ -62,7 +62,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from mim_lightning.data.datamodule import collate_batch_mask
-from mim_lightning.data.datasets import _to_8bit
+from mim_lightning.data.datasets import as_rgb
 from mim_lightning.data.sampler import EpochIndexSampler
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MIMTransform, eval_image_transform, pretrain_image_transform
 from mim_lightning.errors import ConfigError
@@ -253,12 +253,7 @@ def shard_sizes(shards: Sequence[str], key: str = "data.urls", manifest: str | N
 def decode_rgb(data: bytes) -> Image.Image:
     """Image bytes as 8-bit RGB, converted as :func:`~mim_lightning.data.datasets.load_rgb` converts files."""
     with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        if image.mode.startswith("I") or image.mode == "F":
-            image = _to_8bit(image)
-        elif image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        return image.convert("RGB")
+        return as_rgb(image)
 
 
 def decode_sample(raw: Raw) -> tuple[Image.Image, int]:
