@@ -42,7 +42,35 @@ def split_train_val(samples: Sequence[Sample], val_fraction: float, val_max: int
     return train, val
 
 
-class PretrainDataModule(pl.LightningDataModule):
+class TrainPositionState:
+    """DataModule mixin: the training loader's position (epoch, batches done) travels in checkpoints.
+
+    Lightning restores a loader's own state only when it has not built the loader yet, which it has
+    when ``estimated_stepping_batches`` is read in ``configure_optimizers``; the DataModule's
+    ``state_dict``/``load_state_dict`` are always called, before the loader is (re)built. A subclass
+    sets ``self._train_loader`` when it builds the training loader and applies ``self._resume_state``
+    (then clears it) to a loader built after the restore.
+    """
+
+    _train_loader: Any = None
+    _resume_state: dict | None = None
+
+    def state_dict(self) -> dict:
+        """The training position (epoch, batches done), saved in every checkpoint for exact resumes."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Called by Lightning when resuming, before the training loader is built."""
+        state = state_dict.get("train_loader")
+        if state is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._resume_state = dict(state)
+
+
+class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
     """Images for self-supervised pretraining, with the method's mask drawn in the transform.
 
     Args:
@@ -163,20 +191,6 @@ class PretrainDataModule(pl.LightningDataModule):
             self._resume_state = None
         self._train_loader = loader
         return loader
-
-    def state_dict(self) -> dict:
-        """The training position (epoch, batches done), saved in every checkpoint for exact resumes."""
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Called by Lightning when resuming, before the training loader is built."""
-        state = state_dict.get("train_loader")
-        if state is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.load_state_dict(state)
-        else:
-            self._resume_state = dict(state)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

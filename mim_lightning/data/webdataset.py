@@ -61,7 +61,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
-from mim_lightning.data.datamodule import collate_batch_mask
+from mim_lightning.data.datamodule import TrainPositionState, collate_batch_mask
 from mim_lightning.data.datasets import as_rgb
 from mim_lightning.data.sampler import EpochIndexSampler
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MIMTransform, eval_image_transform, pretrain_image_transform
@@ -560,7 +560,7 @@ def demo_shards(cache_dir: str | None = None, maxcount: int = 4) -> Path:
 # ---------------------------------------------------------------------------------------- datamodule
 
 
-class ShardDataModule(pl.LightningDataModule):
+class ShardDataModule(TrainPositionState, pl.LightningDataModule):
     """Pretraining images from tar shards (``data=webdataset``), with the same transforms, masks and
     batch dicts as :class:`~mim_lightning.data.PretrainDataModule`.
 
@@ -695,15 +695,3 @@ class ShardDataModule(pl.LightningDataModule):
         return DataLoader(self.val_dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           pin_memory=self.pin_memory and torch.cuda.is_available(), **self._extra())
 
-    def state_dict(self) -> dict:
-        """The training position (epoch, batches done), saved in every checkpoint for exact resumes."""
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state = state_dict.get("train_loader")
-        if state is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.load_state_dict(state)
-        else:
-            self._resume_state = dict(state)
