@@ -48,12 +48,19 @@ class TrainPositionState:
     Lightning restores a loader's own state only when it has not built the loader yet, which it has
     when ``estimated_stepping_batches`` is read in ``configure_optimizers``; the DataModule's
     ``state_dict``/``load_state_dict`` are always called, before the loader is (re)built. A subclass
-    sets ``self._train_loader`` when it builds the training loader and applies ``self._resume_state``
-    (then clears it) to a loader built after the restore.
+    passes each training loader it builds through :meth:`_track_train_loader`.
     """
 
     _train_loader: Any = None
     _resume_state: dict | None = None
+
+    def _track_train_loader(self, loader: Any) -> Any:
+        """Remember the training loader and apply a position restored before it was built."""
+        if self._resume_state is not None:
+            loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+        self._train_loader = loader
+        return loader
 
     def state_dict(self) -> dict:
         """The training position (epoch, batches done), saved in every checkpoint for exact resumes."""
@@ -185,12 +192,7 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         self._check_batch_size(world_size=self._rank_and_world()[1])
-        loader = self._loader(self.train_dataset, shuffle=True, drop_last=True, resumable=True)
-        if self._resume_state is not None:
-            loader.load_state_dict(self._resume_state)
-            self._resume_state = None
-        self._train_loader = loader
-        return loader
+        return self._track_train_loader(self._loader(self.train_dataset, shuffle=True, drop_last=True, resumable=True))
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

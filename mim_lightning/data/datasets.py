@@ -45,6 +45,22 @@ def load_rgb(path: str) -> Image.Image:
         return as_rgb(image)
 
 
+def transformed_item(transform: MIMTransform, seed: int, epoch: int, index: int, image: Image.Image,
+                     label: int = -1) -> dict:
+    """One batch item: ``image`` through ``transform`` seeded by ``(seed, epoch, index)``.
+
+    ``{"images": (3, H, W), "index": int, "mask": (gh, gw) bool (when the transform draws one),
+    "label": int (when ``label >= 0``)}`` — the same for every data source.
+    """
+    images, mask = transform(image, np.random.SeedSequence([int(seed), int(epoch), int(index)]))
+    item = {"images": images, "index": int(index)}
+    if mask is not None:
+        item["mask"] = torch.from_numpy(mask)
+    if label >= 0:
+        item["label"] = int(label)
+    return item
+
+
 class ImageDataset(Dataset):
     """Images from ``samples`` through a :class:`MIMTransform`.
 
@@ -98,10 +114,4 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         sample, image = self._load(index % len(self.samples))
-        images, mask = self.transform(image, np.random.SeedSequence([self.seed, int(epoch), int(index)]))
-        item = {"images": images, "index": index}
-        if mask is not None:
-            item["mask"] = torch.from_numpy(mask)
-        if sample.label >= 0:
-            item["label"] = sample.label
-        return item
+        return transformed_item(self.transform, self.seed, epoch, index, image, sample.label)

@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from mim_lightning.data.datamodule import PretrainDataModule, collate_batch_mask, split_train_val
-from mim_lightning.data.datasets import ImageDataset, as_rgb, load_rgb
+from mim_lightning.data.datasets import ImageDataset, as_rgb, load_rgb, transformed_item
 from mim_lightning.data.sources import Sample
 from mim_lightning.data.transforms import MIMTransform
 from mim_lightning.errors import ConfigError
@@ -162,14 +162,9 @@ class HFStreamDataset(IterableDataset):
                 self.bad += 1
                 warnings.warn(f"skipping unreadable streamed row: {type(exc).__name__}: {exc}", stacklevel=2)
                 continue
-            images, mask = self.transform(image, np.random.SeedSequence([self.seed, int(self.epoch), int(index)]))
-            item = {"images": images, "index": int(index)}
-            if mask is not None:
-                item["mask"] = torch.from_numpy(mask)
-            if self.label_column is not None and row.get(self.label_column) is not None:
-                item["label"] = int(row[self.label_column])
+            label = row.get(self.label_column) if self.label_column is not None else None
             produced += 1
-            yield item
+            yield transformed_item(self.transform, self.seed, self.epoch, index, image, -1 if label is None else int(label))
 
 
 def _cycle(stream: Any) -> Iterator[dict]:

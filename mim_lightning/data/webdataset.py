@@ -62,7 +62,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from mim_lightning.data.datamodule import TrainPositionState, collate_batch_mask
-from mim_lightning.data.datasets import as_rgb
+from mim_lightning.data.datasets import as_rgb, transformed_item
 from mim_lightning.data.sampler import EpochIndexSampler
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MIMTransform, eval_image_transform, pretrain_image_transform
 from mim_lightning.errors import ConfigError
@@ -380,13 +380,7 @@ class ShardDataset(IterableDataset):
         yield from buffer
 
     def _item(self, index: int, epoch: int, image: Image.Image, label: int) -> dict:
-        images, mask = self.transform(image, np.random.SeedSequence([self.seed, int(epoch), int(index)]))
-        item = {"images": images, "index": int(index)}
-        if mask is not None:
-            item["mask"] = torch.from_numpy(mask)
-        if label >= 0:
-            item["label"] = label
-        return item
+        return transformed_item(self.transform, self.seed, epoch, index, image, label)
 
     def _note_bad(self, key: str, exc: Exception) -> None:
         self.bad += 1
@@ -455,13 +449,7 @@ class RawSampleDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         image, label = decode_sample(self.samples[int(index)])
-        images, mask = self.transform(image, np.random.SeedSequence([self.seed, int(epoch), int(index)]))
-        item = {"images": images, "index": int(index)}
-        if mask is not None:
-            item["mask"] = torch.from_numpy(mask)
-        if label >= 0:
-            item["label"] = label
-        return item
+        return transformed_item(self.transform, self.seed, epoch, index, image, label)
 
 
 class ShardLoader(DataLoader):
@@ -680,11 +668,7 @@ class ShardDataModule(TrainPositionState, pl.LightningDataModule):
                              pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=True,
                              epoch_fn=self._current_epoch, progress=self._batches_done, rank=rank, world_size=world,
                              **self._extra())
-        if self._resume_state is not None:
-            loader.load_state_dict(self._resume_state)
-            self._resume_state = None
-        self._train_loader = loader
-        return loader
+        return self._track_train_loader(loader)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
