@@ -89,21 +89,29 @@ MIXMIM_DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", 
                            "decoder_pred.")
 
 
+def _route_keys(state: Mapping[str, torch.Tensor], routes: tuple[tuple[str, tuple[str, ...]], ...],
+                drop: tuple[str, ...], method: str, source: str) -> dict[str, torch.Tensor]:
+    """Prefix each official key with the project module it belongs to: ``routes`` pairs a prefix to add
+    with the official key prefixes it takes, first match wins; keys ending in ``drop`` are skipped and
+    any other key is a one-line error naming it."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(drop):
+            continue
+        target = next((prefix for prefix, starts in routes if key.startswith(starts)), None)
+        if target is None:
+            raise ConfigError("pretrained", key, f"keys of an official {method} checkpoint ({source})",
+                              f"unknown key for {method}")
+        out[target + key] = value
+    return out
+
+
 def _convert_mixmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``MixMIM:models_mixmim.py`` keys -> ``MixMAE`` keys: the encoder's (``patch_embed``, ``absolute_pos_embed``,
     ``layers``, ``norm``) under ``encoder.``, ``mask_token`` and ``decoder_*`` under ``decoder.``. The Swin
     ``relative_position_index`` buffers are kept (the project's MixMIM encoder stores them too); ``attn_mask`` is dropped."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.endswith("attn_mask"):
-            continue
-        if key.startswith(MIXMIM_DECODER_PREFIXES):
-            out["decoder." + key] = value
-        elif key.startswith(MIXMIM_ENCODER_PREFIXES):
-            out["encoder." + key] = value
-        else:
-            raise ConfigError("pretrained", key, "keys of an official MixMIM checkpoint (models_mixmim.py)",
-                              "unknown key for MixMIM")
+    out = _route_keys(state, (("decoder.", MIXMIM_DECODER_PREFIXES), ("encoder.", MIXMIM_ENCODER_PREFIXES)),
+                      drop=("attn_mask",), method="MixMIM", source="models_mixmim.py")
     _require(out, "encoder.absolute_pos_embed", "MixMIM", "patch_embed, absolute_pos_embed, layers.*")
     return out
 
@@ -118,19 +126,9 @@ def _convert_itpn(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ``absolute_pos_embed``, ``blocks``) under ``encoder.``; ``align_dim_*``, ``split_*``, ``block_16to8``,
     ``block_8to4``, ``fpn_modules`` under ``pyramid.``; ``decoder_*`` and ``mask_token`` under ``decoder.``;
     ``relative_position_index`` buffers dropped."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.endswith(DERIVED_BUFFERS):
-            continue
-        if key.startswith(ITPN_ENCODER_PREFIXES):
-            out["encoder." + key] = value
-        elif key.startswith(ITPN_PYRAMID_PREFIXES):
-            out["pyramid." + key] = value
-        elif key.startswith(ITPN_DECODER_PREFIXES):
-            out["decoder." + key] = value
-        else:
-            raise ConfigError("pretrained", key, "keys of an official iTPN-pixel checkpoint (models_itpn_mim.py)",
-                              "unknown key for iTPN")
+    out = _route_keys(state, (("encoder.", ITPN_ENCODER_PREFIXES), ("pyramid.", ITPN_PYRAMID_PREFIXES),
+                              ("decoder.", ITPN_DECODER_PREFIXES)),
+                      drop=DERIVED_BUFFERS, method="iTPN", source="iTPN-pixel models_itpn_mim.py")
     _require(out, "encoder.absolute_pos_embed", "iTPN", "patch_embed, absolute_pos_embed, blocks.*")
     return out
 
