@@ -107,20 +107,24 @@ def warmup_multistep_factor(step: int, warmup_steps: int, milestones: list[int] 
 
 def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float,
                              layer_id: Callable[[str], int], num_layers: int,
-                             no_weight_decay: Iterable[str] = ()) -> list[dict]:
+                             no_weight_decay: Iterable[str] = (), one_dim: set[str] | None = None) -> list[dict]:
     """Parameter groups with layer-wise lr decay, as ``mae:util/lr_decay.py param_groups_lrd``.
 
     A parameter of layer ``layer_id(name)`` gets ``lr_scale = layer_decay ** (num_layers - layer_id)``
     (the head, at ``num_layers``, gets 1). 1-D parameters and the names in ``no_weight_decay`` (exact
     names, e.g. timm's ``pos_embed``/``cls_token``) get no weight decay. Frozen parameters are left out.
     Each group carries ``lr_scale``, ``layer_id`` and ``weight_decay``; multiply the lr by ``lr_scale``.
+    ``one_dim`` (names of the 1-D parameters, taken before a strategy such as FSDP flattens them) replaces
+    the ``ndim`` test; names are compared without wrapper segments (:func:`unwrapped_name`).
     """
     skip = set(no_weight_decay)
     groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
+    for wrapped, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = param.ndim == 1 or name in skip
+        name = unwrapped_name(wrapped)
+        flat = param.ndim == 1 if one_dim is None else name in one_dim
+        no_decay = flat or name in skip
         lid = int(layer_id(name))
         key = (lid, no_decay)
         if key not in groups:
@@ -128,5 +132,5 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
                            "lr_scale": float(layer_decay) ** (num_layers - lid), "layer_id": lid,
                            "name": f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"}
         groups[key]["params"].append(param)
-        groups[key]["param_names"].append(name)
+        groups[key]["param_names"].append(wrapped)
     return [groups[key] for key in sorted(groups)]

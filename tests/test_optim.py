@@ -92,3 +92,20 @@ def test_decay_groups_survive_wrapping_and_flattening():
     groups = param_groups(wrapper, 0.05, exempt=exempt)
     assert {names[id(p)] for p in groups[0]["params"]} == {"_fsdp_wrapped_module.cls_token",
                                                           "_fsdp_wrapped_module.linear.weight"}
+
+
+def test_layer_decay_groups_survive_wrapping_and_flattening():
+    from mim_lightning.optim import layer_decay_param_groups
+
+    model = Toy()
+    one_dim = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    wrapper = torch.nn.Module()
+    wrapper._fsdp_wrapped_module = model
+    with torch.no_grad():
+        model.linear.weight = nn.Parameter(model.linear.weight.reshape(-1))
+    layer = {"cls_token": 0, "linear.weight": 1, "linear.bias": 1, "norm.weight": 2, "norm.bias": 2}
+    groups = layer_decay_param_groups(wrapper, 0.05, 0.5, layer.__getitem__, num_layers=2, one_dim=one_dim)
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    assert decayed == {"_fsdp_wrapped_module.cls_token", "_fsdp_wrapped_module.linear.weight"}
+    scales = {g["layer_id"]: g["lr_scale"] for g in groups}
+    assert scales == {0: 0.25, 1: 0.5, 2: 1.0}

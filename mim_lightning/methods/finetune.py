@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.optim import layer_decay_param_groups, scaled_lr, warmup_cosine_factor
+from mim_lightning.optim import layer_decay_param_groups, scaled_lr, unwrapped_name, warmup_cosine_factor
 
 MODES = ("finetune", "linear_probe")
 CLASSIFIERS = ("vit_avg", "vit_cls", "swin_avg", "mixmim_avg", "hivit_avg")
@@ -463,6 +463,8 @@ class FinetuneModule(pl.LightningModule):
         if mode not in MODES:
             raise ConfigError("mode", mode, ", ".join(MODES))
         self.model = model
+        # decided before a strategy (FSDP) flattens every parameter to 1-D
+        self._one_dim = {unwrapped_name(n) for n, p in model.named_parameters() if p.ndim <= 1}
         self.num_classes = int(num_classes)
         self.mode = mode
         self.layer_id = layer_id or (lambda name: num_layers)
@@ -541,15 +543,17 @@ class FinetuneModule(pl.LightningModule):
 
     def param_groups(self, lr: float) -> list[dict]:
         if self.optimizer_factory == "lars":
-            decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
-            flat = [p for p in self.model.parameters() if p.requires_grad and p.ndim <= 1]
+            named = [(unwrapped_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+            decay = [p for n, p in named if n not in self._one_dim]
+            flat = [p for n, p in named if n in self._one_dim]
             groups = [{"params": decay, "weight_decay": self.weight_decay, "always_adapt": True, "lr_scale": 1.0},
                       {"params": flat, "weight_decay": 0.0, "always_adapt": False, "lr_scale": 1.0}]
             groups = [g for g in groups if g["params"]]
         else:
-            skip = [n for n, _ in self.model.named_parameters() if any(k in n for k in self.no_weight_decay_keys)]
+            skip = [unwrapped_name(n) for n, _ in self.model.named_parameters()
+                    if any(k in n for k in self.no_weight_decay_keys)]
             groups = layer_decay_param_groups(self.model, self.weight_decay, self.layer_decay, self.layer_id,
-                                              self.num_layers, [*self.no_weight_decay, *skip])
+                                              self.num_layers, [*self.no_weight_decay, *skip], one_dim=self._one_dim)
         for group in groups:
             group["lr"] = lr * group["lr_scale"]
         return groups
