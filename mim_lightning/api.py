@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import os
 from pathlib import Path
 
@@ -55,6 +57,12 @@ def run_info() -> dict:
     return info
 
 
+def compile_kwargs(cfg: DictConfig) -> dict:
+    """``torch.compile`` arguments of a run (``compile_kwargs``: backend, mode, dynamic, fullgraph, options)."""
+    node = cfg.get("compile_kwargs")
+    return {} if node is None else dict(OmegaConf.to_container(node, resolve=True))
+
+
 def build_pretrain_module(cfg: DictConfig) -> pl.LightningModule:
     """The ``method`` group's pretraining LightningModule (``module.model`` is the plain model).
 
@@ -64,7 +72,9 @@ def build_pretrain_module(cfg: DictConfig) -> pl.LightningModule:
     try:
         config = to_container(cfg)
         config["run_info"] = run_info()
-        return factory(config=config, on_nonfinite=cfg.get("on_nonfinite", "stop"))
+        return factory(config=config, on_nonfinite=cfg.get("on_nonfinite", "stop"),
+                       nonfinite_check_every_n_steps=cfg.get("nonfinite_check_every_n_steps", 50),
+                       compile=bool(cfg.get("compile", False)), compile_kwargs=compile_kwargs(cfg))
     except Exception as exc:  # noqa: BLE001
         from mim_lightning.config import as_config_error
 
@@ -192,18 +202,19 @@ def pretrain(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
     check_multirun_strategy(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    return fit_run(cfg, build_datamodule, lambda datamodule: build_pretrain_module(cfg))
+    return fit_run(cfg, build_datamodule, lambda datamodule, resuming: build_pretrain_module(cfg))
 
 
 def fit_run(cfg: DictConfig, make_datamodule, make_module) -> pl.Trainer:
     """Build and fit one run: resolve the checkpoint to resume, check the data before any process is
-    launched, write the run config, and close the W&B run at the end."""
+    launched (``make_module(datamodule, resuming)`` builds the module), write the run config, and close the
+    W&B run at the end."""
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
         continue_wandb_run(cfg, ckpt_path)
     datamodule = make_datamodule(cfg)
     datamodule.setup("fit")  # finds bad data settings before any process is launched (idempotent)
-    module = make_module(datamodule)
+    module = make_module(datamodule, ckpt_path is not None)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         save_run_config(cfg, cfg.run_dir)
@@ -226,11 +237,17 @@ def finish_wandb_runs(trainer: pl.Trainer) -> None:
 
 def build_finetune_module(cfg: DictConfig, num_classes: int | None = None) -> pl.LightningModule:
     """The finetuning / linear-probing LightningModule of a composed ``conf/finetune.yaml``
-    (``module.model`` is the plain classifier), with ``cfg.pretrained`` loaded into its encoder."""
+    (``module.model`` is the plain classifier), with ``cfg.pretrained`` loaded into its encoder,
+    compiled in place with ``compile=true``."""
     from mim_lightning.methods.finetune import build_finetune_module as build
+    from mim_lightning.models.backbones.swin import use_sdpa_window_attention
+    from mim_lightning.optim import compile_in_place
 
     try:
-        return build(cfg, num_classes)
+        module = build(cfg, num_classes)
+        use_sdpa_window_attention(module.model)  # timm's Swin classifier: SDPA instead of an explicit softmax
+        compile_in_place(module.model, bool(cfg.get("compile", False)), compile_kwargs(cfg))
+        return module
     except Exception as exc:  # noqa: BLE001
         from mim_lightning.config import as_config_error
 
@@ -250,5 +267,14 @@ def build_finetune_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 def finetune(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the finetuning or linear probing that ``cfg`` describes."""
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    return fit_run(cfg, build_finetune_datamodule, lambda datamodule: build_finetune_module(
-        cfg, num_classes=len(datamodule.classes) if cfg.get("num_classes") is None else None))
+
+    def make_module(datamodule, resuming: bool) -> pl.LightningModule:
+        module_cfg = cfg
+        if resuming and cfg.get("pretrained"):
+            # The checkpoint holds every weight: the pretrained file is not read again (it may have moved).
+            module_cfg = copy.deepcopy(cfg)
+            module_cfg.pretrained = None
+        return build_finetune_module(module_cfg, num_classes=len(datamodule.classes)
+                                     if cfg.get("num_classes") is None else None)
+
+    return fit_run(cfg, build_finetune_datamodule, make_module)

@@ -10,9 +10,17 @@ as JSON, ``family``, ``method``), for
 - Swin (SimMIM pretraining checkpoints): the official/SimMIM names with ``layers.{i}.downsample`` moved to
   timm's ``layers.{i+1}.downsample`` and the ``mask_token`` dropped; loads into timm's ``SwinTransformer``
   (``forward_features`` is the (B, H/32, W/32, C) final-norm map).
+- SimMIM's BEiT-style ViT: timm ``Beit`` (``beit_base_patch16_224`` with the sizes in ``timm_kwargs``; no absolute
+  position embedding, layer scale). A pretraining checkpoint gives the encoder with its one shared relative
+  position bias table (``use_shared_rel_pos_bias=True``, ``global_pool='token'`` so that the final ``norm`` is
+  kept; ``mask_token`` dropped): ``forward_features`` is the project encoder's (B, 1 + L, D) final-norm tokens. A
+  finetuning checkpoint gives the classifier without its head (per-block tables, ``global_pool='avg'``,
+  ``fc_norm``). The keys are the official SimMIM/BEiT names, so the file is also a valid ``pretrained=`` for
+  finetuning. A SimMIM-ViT *linear-probe* checkpoint holds the unchanged pretrained encoder cut at the probed
+  block: export the pretraining checkpoint instead.
 
-MixMIM (Swin-W14 without shifts) and HiViT have no timm model. For them the file holds the project encoder's own
-state dict (``model.encoder.*`` of the checkpoint, prefix removed; official key names, see
+MixMIM (Swin-W14 without shifts) and HiViT (iTPN-pixel and iTPN-CLIP) have no timm model. For them the file holds
+the project encoder's own state dict (``model.encoder.*`` of the checkpoint, prefix removed; official key names, see
 ``mim_lightning.checkpoints``) with metadata ``format=mim_lightning``, ``builder`` (the function that builds the
 encoder), ``backbone`` (the ``conf/backbone`` mapping, JSON), ``image_size`` and ``builder_kwargs`` (JSON); rebuild
 with :func:`load_exported`::
@@ -37,6 +45,7 @@ from mim_lightning.errors import ConfigError
 #: timm names of the standard ViT sizes (embed_dim, depth, heads) -> size word.
 VIT_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large",
              (1280, 32, 16): "huge"}
+BEIT_SIZES = {(768, 12, 12): "base", (1024, 24, 16): "large"}
 SWIN_SIZES = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small", (128, (2, 2, 18, 2)): "base",
               (192, (2, 2, 18, 2)): "large"}
 
@@ -55,6 +64,20 @@ def vit_timm_spec(backbone: Mapping[str, Any], image_size: Any, global_pool: str
     name = f"vit_{VIT_SIZES.get((dim, depth, heads), 'base')}_patch{patch if patch in (14, 16) else 16}_224"
     kwargs = dict(img_size=size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
                   mlp_ratio=float(backbone.get("mlp_ratio", 4.0)), global_pool=global_pool)
+    return name, kwargs
+
+
+def beit_timm_spec(backbone: Mapping[str, Any], image_size: Any, shared_rel_pos_bias: bool,
+                   global_pool: str) -> tuple[str, dict]:
+    """(timm model name, create_model kwargs) for SimMIM's BEiT-style ViT of these sizes (layer scale 0.1 as
+    pretrained; the value is overwritten by the file's ``gamma`` weights)."""
+    dim, depth, heads, patch = (int(backbone["embed_dim"]), int(backbone["depth"]), int(backbone["num_heads"]),
+                                int(backbone["patch_size"]))
+    name = f"beit_{BEIT_SIZES.get((dim, depth, heads), 'base')}_patch16_224"
+    kwargs = dict(img_size=_square(image_size), patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                  mlp_ratio=float(backbone.get("mlp_ratio", 4.0)), init_values=0.1, use_abs_pos_emb=False,
+                  use_rel_pos_bias=not shared_rel_pos_bias, use_shared_rel_pos_bias=shared_rel_pos_bias,
+                  global_pool=global_pool)
     return name, kwargs
 
 
@@ -104,7 +127,17 @@ def encoder_for_timm(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Ten
             raise ConfigError("ckpt", family, "a finetuning checkpoint of a ViT classifier")
         encoder = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.") and not k.startswith("model.head")}
         pool = "avg" if any(k.startswith("fc_norm.") for k in encoder) else "token"
-        name, kwargs = vit_timm_spec(backbone, image_size, pool)
+        if "blocks.0.attn.q_bias" in encoder:  # SimMIM's BEiT-style ViT
+            if "rel_pos_bias.relative_position_bias_table" in encoder:
+                raise ConfigError("ckpt", "a SimMIM-ViT linear-probe checkpoint", "its pretraining checkpoint (the "
+                                  "probe does not change the encoder and keeps only the blocks up to the probed one)")
+            name, kwargs = beit_timm_spec(backbone, image_size, shared_rel_pos_bias=False, global_pool=pool)
+        else:
+            name, kwargs = vit_timm_spec(backbone, image_size, pool)
+    elif family == "vit" and method_target.endswith("SimMIM"):
+        encoder = {k[len("model.encoder."):]: v for k, v in state.items()
+                   if k.startswith("model.encoder.") and k != "model.encoder.mask_token"}
+        name, kwargs = beit_timm_spec(backbone, image_size, shared_rel_pos_bias=True, global_pool="token")
     elif family == "vit" and any(k.startswith("model.encoder.cls_token") for k in state):
         encoder = {k[len("model.encoder."):]: v for k, v in state.items() if k.startswith("model.encoder.")}
         name, kwargs = vit_timm_spec(backbone, image_size)
@@ -115,23 +148,26 @@ def encoder_for_timm(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Ten
         window = int(window) if window is not None else simmim_window_size(backbone, image_size)
         encoder = swin_to_timm({k[len("model.encoder."):]: v for k, v in state.items() if k.startswith("model.encoder.")})
         name, kwargs = swin_timm_spec(backbone, image_size, window)
-    elif method_target.endswith(("MixMAE", "ITPNPixel")):
+    elif method_target.endswith(("MixMAE", "ITPNPixel", "ITPNClip")):
         encoder = {k[len("model.encoder."):]: v for k, v in state.items() if k.startswith("model.encoder.")}
         model_cfg = (config.get("method") or {}).get("model") or {}
         if method_target.endswith("MixMAE"):
             builder = "mim_lightning.models.backbones.mixmim.mixmim_from_spec"
             kwargs = {"window_size": list(model_cfg.get("window_size") or [14, 14, 14, 7])}
-        else:
+        else:  # HiViT as the method built it: iTPN-CLIP with layer scale and relative position tables
             builder = "mim_lightning.models.backbones.hivit.hivit_from_spec"
-            kwargs = {}
+            clip = method_target.endswith("ITPNClip")
+            kwargs = {"rpe": bool(model_cfg.get("rpe", clip))}
+            if clip and model_cfg.get("layer_scale_init", 0.1) is not None:
+                kwargs["layer_scale_init"] = float(model_cfg.get("layer_scale_init", 0.1))
         meta = {"format": "mim_lightning", "family": str(family), "method": method_target, "builder": builder,
                 "backbone": json.dumps(dict(backbone)), "image_size": json.dumps(image_size),
                 "builder_kwargs": json.dumps(kwargs)}
         return {k: v.detach().contiguous().clone() for k, v in encoder.items()}, meta
     else:
         raise ConfigError("ckpt", f"{method_target or '?'} with a {family} backbone",
-                          "a MAE (ViT), SimMIM (Swin), MixMAE or iTPN-pixel pretraining checkpoint, or a ViT "
-                          "finetuning checkpoint",
+                          "a MAE (ViT), SimMIM (Swin or ViT), MixMAE or iTPN pretraining checkpoint, or a "
+                          "ViT finetuning checkpoint",
                           "no timm model for this encoder")
     meta = {"format": "timm", "family": str(family), "method": method_target, "timm_model": name,
             "timm_kwargs": json.dumps(kwargs)}

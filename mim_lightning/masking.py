@@ -245,11 +245,17 @@ def mix_mask(grid: tuple[int, int], ratio: float, ratio_range: float = 0.0, devi
              generator: torch.Generator | None = None) -> torch.Tensor:
     """On-device MixMIM ``random_masking``: one (1, gh, gw) bool mask for the whole batch with
     ``int(L * r)`` units set, ``r = ratio + U(0, ratio_range)``; the set units are those with the
-    smallest uniform noise, as the official ``argsort(noise)[:count]``."""
+    smallest uniform noise, as the official ``argsort(noise)[:count]``.
+
+    With a ``ratio_range`` the count is computed on the device (float64, as Python's ``int(L * r)``) and
+    never read back, so drawing a mask does not wait for the GPU.
+    """
     length = grid[0] * grid[1]
-    if ratio_range > 0:
-        ratio = ratio + float(torch.rand((), device=device, generator=generator)) * ratio_range
-    count = int(length * ratio)
     noise = torch.rand(1, length, device=device, generator=generator)
     rank = noise.argsort(dim=1).argsort(dim=1)
-    return (rank < count).reshape(1, *grid)
+    if ratio_range > 0:
+        dtype = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+        offset = torch.rand((), device=device, generator=generator, dtype=dtype) * ratio_range
+        count = torch.floor(length * (ratio + offset))
+        return (rank < count).reshape(1, *grid)
+    return (rank < int(length * ratio)).reshape(1, *grid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 from torch import nn
@@ -134,3 +135,48 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
         groups[key]["params"].append(param)
         groups[key]["param_names"].append(wrapped)
     return [groups[key] for key in sorted(groups)]
+
+
+# ------------------------------------------------------------------------------------------------ speed
+#: Optimizers whose PyTorch implementation has a fused CUDA kernel (one launch for all parameters).
+FUSED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
+
+
+def optimizer_class(factory: Callable[..., torch.optim.Optimizer] | type) -> type | None:
+    """The optimizer class behind ``factory`` (a class or a ``functools.partial`` of one, as Hydra's
+    ``_partial_: true`` makes), or None when it is something else."""
+    while isinstance(factory, partial):
+        factory = factory.func
+    return factory if isinstance(factory, type) else None
+
+
+def device_optimizer_kwargs(factory: Callable[..., torch.optim.Optimizer] | type, device: torch.device | str) -> dict:
+    """Extra constructor arguments for ``factory`` on ``device``: ``fused=True`` for AdamW/Adam on CUDA
+    (one kernel for every parameter instead of a ``foreach`` loop; PyTorch's default is ``foreach``), and
+    nothing on the CPU or for other optimizers. An explicit ``fused`` or ``foreach`` in the optimizer
+    config (``method.optimizer.foreach=true``) is left alone."""
+    cls = optimizer_class(factory)
+    keywords = factory.keywords if isinstance(factory, partial) else {}
+    if torch.device(device).type != "cuda" or cls is None or not issubclass(cls, FUSED_OPTIMIZERS):
+        return {}
+    if keywords.get("fused") is not None or keywords.get("foreach") is not None:
+        return {}
+    return {"fused": True}
+
+
+def make_optimizer(factory: Callable[..., torch.optim.Optimizer], groups: list[dict], lr: float,
+                   device: torch.device | str) -> torch.optim.Optimizer:
+    """``factory(groups, lr=lr)`` with :func:`device_optimizer_kwargs` for ``device`` (fused AdamW on CUDA)."""
+    return factory(groups, lr=lr, **device_optimizer_kwargs(factory, device))
+
+
+def compile_in_place(model: nn.Module, enabled: bool, kwargs: dict | None = None) -> nn.Module:
+    """``model.compile(**kwargs)`` when ``enabled`` (the ``compile`` config key): ``torch.compile`` applied
+    in place (``nn.Module.compile``), so ``state_dict`` keys stay those of the plain model (no
+    ``_orig_mod.``) and checkpoints load with or without compilation. ``kwargs`` are ``torch.compile``'s
+    (``backend``, ``mode``, ``dynamic``, ``fullgraph``, ``options``); None values are dropped.
+    Compilation happens at the first call. Returns ``model``."""
+    if enabled:
+        model.compile(**{key: value for key, value in dict(kwargs or {}).items() if value is not None})
+    return model
+

@@ -130,3 +130,93 @@ def test_rel_pos_bias_resize_6_to_7_keeps_the_centre(mode):
     assert resize_rel_pos_bias(table, 6) is table
     with pytest.raises(ConfigError):
         resize_rel_pos_bias(table, 7, old_window=5)
+
+
+def test_official_simmim_vit_checkpoint_loads_strictly_and_into_the_finetune_classifier(tmp_path, class_folder):
+    from mim_lightning import build_finetune_module
+
+    model, state = project_state("simmim", "vit_test", "mask.unit=16")
+    # VisionTransformerForSimMIM's layout: encoder.cls_token / mask_token / rel_pos_bias / blocks (q_bias, v_bias,
+    # gamma_1, gamma_2), encoder.norm, decoder.0, plus the index buffer it saves
+    official = dict(state)
+    official["encoder.rel_pos_bias.relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)
+    assert {"encoder.cls_token", "encoder.mask_token", "encoder.rel_pos_bias.relative_position_bias_table",
+            "encoder.blocks.0.attn.q_bias", "encoder.blocks.0.gamma_1", "decoder.0.weight"} <= set(official)
+    converted = convert_official("simmim", {"model": official})
+    model.load_state_dict(converted, strict=True)
+    torch.testing.assert_close(model.encoder.rel_pos_bias.relative_position_bias_table,
+                               official["encoder.rel_pos_bias.relative_position_bias_table"])
+    torch.save({"model": official}, tmp_path / "simmim_vit.pth")
+    cfg = compose("finetune", ["method=simmim", "backbone=vit_test", "data.image_size=64", "data.batch_size=4",
+                               f"data.root={class_folder}", f"pretrained={tmp_path / 'simmim_vit.pth'}"])
+    classifier = build_finetune_module(cfg).model
+    torch.testing.assert_close(classifier.blocks[0].attn.relative_position_bias_table,
+                               official["encoder.rel_pos_bias.relative_position_bias_table"])
+    torch.testing.assert_close(classifier.blocks[0].gamma_2, official["encoder.blocks.0.gamma_2"])
+
+
+def test_simmim_converter_tells_the_layouts_apart_and_rejects_other_vit_configs():
+    from mim_lightning.checkpoints import simmim_layout
+
+    _, vit = project_state("simmim", "vit_test", "mask.unit=16")
+    _, swin = project_state("simmim", "swin_test")
+    assert simmim_layout(vit) == "vit" and simmim_layout(swin) == "swin"
+    with pytest.raises(ConfigError, match="neither layout"):
+        convert_official("simmim", {"encoder.norm.weight": torch.zeros(2), "decoder.0.weight": torch.zeros(2)})
+    with_ape = {**vit, "encoder.pos_embed": torch.zeros(1, 17, 32)}  # USE_APE=True: not the pretraining config
+    with pytest.raises(ConfigError, match="encoder.pos_embed"):
+        convert_official("simmim", with_ape)
+    per_block = {k: v for k, v in vit.items() if not k.startswith("encoder.rel_pos_bias.")}  # USE_RPB=True
+    per_block["encoder.blocks.0.attn.relative_position_bias_table"] = torch.zeros(52, 2)
+    with pytest.raises(ConfigError, match="USE_SHARED_RPB"):
+        convert_official("simmim", per_block)
+
+
+def test_beit_style_tables_resize_with_their_three_cls_rows_kept():
+    table = torch.randn(7 * 7 + 3, 2)  # grid 4x4
+    out = resize_rel_pos_bias(table, 6, num_extra_tokens=3)
+    assert out.shape == (11 * 11 + 3, 2)
+    torch.testing.assert_close(out[-3:], table[-3:])
+    torch.testing.assert_close(out[:-3].view(11, 11, 2)[5, 5], table[:-3].view(7, 7, 2)[3, 3])
+    assert resize_rel_pos_bias(table, 4, num_extra_tokens=3) is table
+    rect = resize_rel_pos_bias(table, (4, 6), num_extra_tokens=3)  # to a 4x6 grid: only the width resampled
+    assert rect.shape == (7 * 11 + 3, 2)
+    torch.testing.assert_close(rect[:-3].view(7, 11, 2)[:, 5], table[:-3].view(7, 7, 2)[:, 3])
+
+
+def test_shared_table_expands_to_every_block_once():
+    from mim_lightning.checkpoints import expand_shared_rel_pos_bias
+
+    shared = torch.randn(52, 2)
+    out = expand_shared_rel_pos_bias({"rel_pos_bias.relative_position_bias_table": shared, "cls_token": shared},
+                                     depth=3)
+    assert "rel_pos_bias.relative_position_bias_table" not in out and "cls_token" in out
+    for i in range(3):
+        torch.testing.assert_close(out[f"blocks.{i}.attn.relative_position_bias_table"], shared)
+    out["blocks.0.attn.relative_position_bias_table"].add_(1)  # copies, not views of one tensor
+    torch.testing.assert_close(out["blocks.1.attn.relative_position_bias_table"], shared)
+    per_block = {"blocks.0.attn.relative_position_bias_table": shared}  # already expanded: unchanged (SimMIM#19)
+    assert expand_shared_rel_pos_bias(per_block, depth=1) == per_block
+
+
+def test_official_itpn_clip_checkpoint_loads_strictly_and_into_the_finetune_classifier(tmp_path, class_folder):
+    import warnings
+
+    from mim_lightning import build_finetune_module
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the random test teacher
+        model, state = project_state("itpn_clip", "hivit_test")
+    official = strip(state, ("encoder.", "pyramid."))  # iTPNClipDistill: everything at the top level
+    official["relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)  # dropped
+    assert {"absolute_pos_embed", "blocks.4.gamma_1", "blocks.4.attn.relative_position_bias_table",
+            "split_16to8.norm.weight", "lm_head.weight", "lm_cls_head.weight", "cls_pt_layers.0.gamma_2",
+            "norm_cls.weight", "mask_token"} <= set(official)
+    model.load_state_dict(convert_official("itpn_clip", {"model": official}), strict=True)
+    torch.save({"model": official}, tmp_path / "itpn_clip.pth")
+    cfg = compose("finetune", ["method=itpn_clip", "backbone=hivit_test", "data.image_size=64", "data.batch_size=4",
+                               f"data.root={class_folder}", f"pretrained={tmp_path / 'itpn_clip.pth'}"])
+    encoder = build_finetune_module(cfg).model.encoder
+    torch.testing.assert_close(encoder.blocks[4].gamma_1, official["blocks.4.gamma_1"])
+    torch.testing.assert_close(encoder.blocks[4].attn.relative_position_bias_table,
+                               official["blocks.4.attn.relative_position_bias_table"])

@@ -122,3 +122,74 @@ def test_an_exported_swin_encoder_is_a_valid_pretrained_file_for_finetuning(tmp_
     assert set(state) == set(expected)  # back in the official layout (layers.{i}.downsample)
     for key, value in expected.items():
         torch.testing.assert_close(state[key], value)
+
+
+def test_simmim_vit_encoder_exports_to_timm_beit_with_the_same_features(tmp_path):
+    from mim_lightning.methods.finetune import read_pretrained
+
+    model = SimMIM(VIT_TEST, img_size=32, mask_unit=16).eval()
+    with torch.no_grad():
+        model.encoder.rel_pos_bias.relative_position_bias_table.normal_()  # zeros at init
+    ckpt = fake_lightning_checkpoint(tmp_path / "simmim_vit.ckpt", model, "mim_lightning.models.simmim.SimMIM",
+                                     VIT_TEST, 32)
+    out = tmp_path / "beit.safetensors"
+    meta = export(ckpt, out)
+    assert meta["timm_model"] == "beit_base_patch16_224" and json.loads(meta["timm_kwargs"])["use_shared_rel_pos_bias"]
+    timm_model = timm_from_file(out)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # (B, 1 + L, D) final-norm tokens, cls first
+        torch.testing.assert_close(timm_model.forward_features(images), model.encoder.forward_tokens(images),
+                                   atol=1e-5, rtol=1e-5)
+    state = read_pretrained(out, "simmim")  # and the file is a valid pretrained= for finetuning
+    expected = {k: v for k, v in model.encoder.state_dict().items() if k != "mask_token"}
+    assert set(state) == set(expected)
+
+
+def test_finetuned_simmim_vit_exports_the_classifier_without_its_head(tmp_path, class_folder):
+    from mim_lightning import build_finetune_module, compose
+
+    base = ["method=simmim", "backbone=vit_test", "backbone.depth=2", "data.image_size=32", f"data.root={class_folder}"]
+    module = build_finetune_module(compose("finetune", base)).eval()
+    ckpt = tmp_path / "ft.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": module.hparams.config}}, ckpt)
+    meta = export(ckpt, tmp_path / "ft.safetensors")
+    kwargs = json.loads(meta["timm_kwargs"])
+    assert meta["timm_model"].startswith("beit_") and kwargs["use_rel_pos_bias"] and kwargs["global_pool"] == "avg"
+    timm_model = timm_from_file(tmp_path / "ft.safetensors")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(images), module.model.forward_head(module.model.forward_features(images),
+                                                                                 pre_logits=True))
+    probe = build_finetune_module(compose("finetune", [*base, "mode=linear_probe", "finetune.linear_probe.block=1"]))
+    torch.save({"state_dict": probe.state_dict(), "hyper_parameters": {"config": probe.hparams.config}}, ckpt)
+    with pytest.raises(ConfigError, match="linear-probe"):
+        export(ckpt, tmp_path / "probe.safetensors")
+
+
+def test_itpn_clip_encoder_exports_in_the_documented_format_with_layer_scale(tmp_path):
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    from mim_lightning import build_pretrain_module, compose
+    from mim_lightning.export import load_exported
+
+    cfg = compose("pretrain", ["method=itpn_clip", "backbone=hivit_test", "data.image_size=64", "experiment=null"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the random test teacher
+        model = build_pretrain_module(cfg).model.eval()
+    with torch.no_grad():
+        for name, param in model.encoder.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                param.normal_()
+    model_cfg = OmegaConf.to_container(cfg.method.model, resolve=True)
+    ckpt = fake_lightning_checkpoint(tmp_path / "clip.ckpt", model, cfg.method.model._target_,
+                                     OmegaConf.to_container(cfg.backbone), 64,
+                                     {k: model_cfg[k] for k in ("rpe", "layer_scale_init")})
+    meta = export(ckpt, tmp_path / "clip.safetensors")
+    assert meta["format"] == "mim_lightning" and json.loads(meta["builder_kwargs"]) == {"rpe": True,
+                                                                                        "layer_scale_init": 0.1}
+    encoder = load_exported(tmp_path / "clip.safetensors").eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images), model.encoder(images))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -368,3 +369,233 @@ def test_ema_of_the_weights_is_what_the_run_ends_with(labelled, pretrained_ckpt,
     torch.testing.assert_close(two_steps_moved, one_step.blocks[0].attn.qkv.weight)
     state = torch.load(pretrained_ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert (two_steps_moved - state["model.encoder.blocks.0.attn.qkv.weight"]).abs().max() > 1e-3  # it did train
+
+
+def test_mixmae_linear_probe_uses_the_mixmim_encoder(labelled, tmp_path):
+    from mim_lightning.methods.finetune import MixMIMClassifier
+    from mim_lightning.models.mixmae import MixMAE
+
+    pre = MixMAE(SWIN_TEST, img_size=64, decoder_dim=16, decoder_depth=1, decoder_heads=2).eval()
+    ckpt = fake_checkpoint(tmp_path / "mixmae.ckpt", pre, "mim_lightning.models.mixmae.MixMAE", 64)
+    module = build_finetune_module(ft_cfg(labelled, tmp_path, "method=mixmae", "backbone=swin_test",
+                                          "mode=linear_probe", "data.image_size=64", f"pretrained={ckpt}"))
+    assert isinstance(module.model, MixMIMClassifier)  # not the SimMIM (timm Swin) classifier
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module.model.eval().forward_features(images), pre.encoder(images).mean(dim=1))
+
+
+# --------------------------------------------------------------------------- SimMIM with a ViT (BEiT-style)
+
+
+def project_checkpoint(path: Path, cfg, model: torch.nn.Module) -> Path:
+    """``model`` saved as a pretraining checkpoint of this project composed from ``cfg``."""
+    from omegaconf import OmegaConf
+
+    config = {"backbone": OmegaConf.to_container(cfg.backbone), "data": {"image_size": cfg.data.image_size},
+              "method": {"model": {"_target_": cfg.method.model._target_}}}
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"config": config}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def simmim_vit(tmp_path_factory):
+    """A SimMIM-ViT pretraining model (vit_test, 2 blocks, 32px) with a non-zero shared relative position table
+    and layer scale away from its init, and its checkpoint."""
+    from mim_lightning import build_pretrain_module
+
+    torch.manual_seed(0)
+    cfg = compose("pretrain", ["method=simmim", "backbone=vit_test", "backbone.depth=2", "data.image_size=32",
+                               "mask.unit=16", "experiment=null"])
+    model = build_pretrain_module(cfg).model.eval()
+    with torch.no_grad():
+        model.encoder.rel_pos_bias.relative_position_bias_table.normal_()  # zeros at init: make the copies visible
+        for block in model.encoder.blocks:
+            block.gamma_1.uniform_(0.5, 1.5)
+    return model, project_checkpoint(tmp_path_factory.mktemp("simmim_vit") / "simmim_vit.ckpt", cfg, model)
+
+
+def test_simmim_vit_finetunes_with_a_copy_of_the_shared_table_in_every_block(labelled, simmim_vit, tmp_path):
+    pre, ckpt = simmim_vit
+    cfg = ft_cfg(labelled, tmp_path, "method=simmim", "backbone.depth=2", f"pretrained={ckpt}",
+                 "trainer.fast_dev_run=1")
+    assert cfg.finetune.classifier == "beit_avg" and cfg.finetune.layer_decay == 0.65  # the ViT values of the recipe
+    module = build_finetune_module(cfg)
+    model = module.model.eval()
+    shared = pre.encoder.rel_pos_bias.relative_position_bias_table
+    assert model.rel_pos_bias is None and len(model.blocks) == 2
+    for block, source in zip(model.blocks, pre.encoder.blocks):
+        torch.testing.assert_close(block.attn.relative_position_bias_table, shared)
+        torch.testing.assert_close(block.gamma_1, source.gamma_1)
+        torch.testing.assert_close(block.attn.q_bias, source.attn.q_bias)
+    # mean pooling: the final norm is Identity and fc_norm (LN 1e-6) follows the mean of the patch tokens
+    assert isinstance(model.norm, torch.nn.Identity) and model.fc_norm.eps == 1e-6 and model.pos_embed is None
+    assert model.head.weight.std() < 1e-4 and torch.all(model.head.bias == 0)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the pretrained encoder's tokens (its final norm applied by hand)
+        torch.testing.assert_close(pre.encoder.norm(model.forward_features(images)), pre.encoder.forward_tokens(images))
+        tokens = model.forward_features(images)
+        torch.testing.assert_close(model(images), model.head(model.fc_norm(tokens[:, 1:].mean(dim=1))))
+    # SimMIM's get_vit_layer (num_layers = depth + 2, scale = 0.65 ** (depth + 1 - id)) and its decay rule: only
+    # 1-D parameters, pos_embed and cls_token are undecayed, so the per-block tables are decayed
+    groups = module.param_groups(1.0)
+    scale_of = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    decay_of = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
+    assert scale_of["patch_embed.proj.weight"] == scale_of["cls_token"] == pytest.approx(0.65 ** 3)
+    assert scale_of["blocks.0.attn.relative_position_bias_table"] == pytest.approx(0.65 ** 2)
+    assert scale_of["blocks.1.gamma_2"] == pytest.approx(0.65)
+    assert scale_of["head.weight"] == scale_of["fc_norm.weight"] == 1.0
+    assert decay_of["blocks.0.attn.relative_position_bias_table"] == decay_of["blocks.0.attn.qkv.weight"] == 0.05
+    assert decay_of["cls_token"] == decay_of["blocks.0.gamma_1"] == decay_of["blocks.0.attn.q_bias"] == 0.0
+    assert finetune(cfg).state.finished
+
+
+def test_simmim_vit_tables_are_resized_to_another_grid_with_the_cls_rows_kept(labelled, simmim_vit, tmp_path):
+    pre, ckpt = simmim_vit
+    module = build_finetune_module(ft_cfg(labelled, tmp_path, "method=simmim", "backbone.depth=2", "data.image_size=48",
+                                          f"pretrained={ckpt}"))
+    old = pre.encoder.rel_pos_bias.relative_position_bias_table  # (2*4-1)^2 + 3 rows
+    new = module.model.blocks[1].attn.relative_position_bias_table  # (2*6-1)^2 + 3 rows
+    assert old.shape == (52, 2) and new.shape == (124, 2)
+    torch.testing.assert_close(new[-3:], old[-3:])  # cls-to-token, token-to-cls, cls-to-cls
+    torch.testing.assert_close(new[:-3].view(11, 11, 2)[5, 5], old[:-3].view(7, 7, 2)[3, 3])  # offset 0
+
+
+def test_simmim_vit_linear_probe_averages_the_tokens_of_one_block(labelled, simmim_vit, tmp_path):
+    pre, ckpt = simmim_vit
+    probe = ["method=simmim", "backbone.depth=2", "mode=linear_probe", f"pretrained={ckpt}"]
+    cfg = ft_cfg(labelled, tmp_path, *probe, "finetune.linear_probe.block=1")
+    assert cfg.finetune.linear_probe.feature == "block_avg"
+    model = build_finetune_module(cfg).model.eval()
+    assert len(model.blocks) == 1 and [n for n, p in model.named_parameters() if p.requires_grad] == ["head.1.weight",
+                                                                                                       "head.1.bias"]
+    images = torch.randn(2, 3, 32, 32)
+    encoder = pre.encoder
+    with torch.no_grad():
+        x = torch.cat([encoder.cls_token.expand(2, -1, -1), encoder.embed(images)], dim=1)
+        x = encoder.blocks[0](x, shared_rel_pos_bias=encoder.rel_pos_bias())
+        torch.testing.assert_close(model.forward_head(model.forward_features(images), pre_logits=True),
+                                   x[:, 1:].mean(dim=1))  # block 1's patch tokens, no norm, averaged
+    with pytest.raises(ConfigError, match="finetune.linear_probe.block=3"):
+        build_finetune_module(ft_cfg(labelled, tmp_path, *probe, "finetune.linear_probe.block=3"))
+    with pytest.raises(ConfigError, match="block_avg"):
+        build_finetune_module(ft_cfg(labelled, tmp_path, *probe, "finetune.linear_probe.feature=cls"))
+
+
+# --------------------------------------------------------------------------- iTPN-CLIP
+
+
+def test_itpn_clip_finetune_starts_from_the_clip_encoder_with_layer_scale_and_its_tables(labelled, tmp_path):
+    import warnings
+
+    from mim_lightning import build_pretrain_module
+
+    pre_cfg = compose("pretrain", ["method=itpn_clip", "backbone=hivit_test", "data.image_size=64", "experiment=null"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the random tiny teacher says it is random
+        pre = build_pretrain_module(pre_cfg).model.eval()
+    with torch.no_grad():  # away from their inits (tables zero, gamma 0.1) so that loading them shows
+        for name, param in pre.encoder.named_parameters():
+            if name.endswith(("relative_position_bias_table", "gamma_1", "gamma_2")):
+                param.normal_()
+    ckpt = project_checkpoint(tmp_path / "itpn_clip.ckpt", pre_cfg, pre)
+    cfg = ft_cfg(labelled, tmp_path / "ft", "method=itpn_clip", "backbone=hivit_test", "data.image_size=64",
+                 f"pretrained={ckpt}", "trainer.fast_dev_run=1")
+    module = build_finetune_module(cfg)
+    encoder = module.model.encoder
+    assert encoder.blocks[0].gamma_2 is not None and encoder.blocks[-1].gamma_1 is not None  # layer scale
+    for key, value in pre.encoder.state_dict().items():  # gamma, relative position tables and APE included
+        torch.testing.assert_close(encoder.state_dict()[key], value, msg=key)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module.model.eval().encoder(images), pre.encoder(images))
+    assert module.layer_decay == pytest.approx(0.60 ** (13 / 4))  # iTPN's rescaled decay, 3 layers + 1
+    assert module.lr_config["value"] == 5e-4 and module.lr_config["warmup_epochs"] == 20  # absolute lr, BEiT style
+    decay_of = {n: g["weight_decay"] for g in module.param_groups(1.0) for n in g["param_names"]}
+    assert decay_of["encoder.absolute_pos_embed"] == 0.0
+    assert decay_of["encoder.blocks.4.attn.relative_position_bias_table"] == 0.0
+    assert decay_of["encoder.blocks.4.attn.qkv.weight"] == decay_of["head.weight"] == 0.05
+    # an encoder without layer scale (pixel pretraining) lacks the gamma weights: a one-line error, not a silent
+    # init as the official loader's (iTPN#17)
+    from mim_lightning.models.itpn import ITPNPixel
+
+    pixel = ITPNPixel(dict(pre_cfg.backbone), img_size=64, fpn_dim=16, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    with pytest.raises(ConfigError, match="missing keys, e.g. encoder.blocks.0.gamma_2"):
+        build_finetune_module(ft_cfg(labelled, tmp_path, "method=itpn_clip", "backbone=hivit_test",
+                                     "data.image_size=64",
+                                     f"pretrained={project_checkpoint(tmp_path / 'pixel.ckpt', pre_cfg, pixel)}"))
+    assert finetune(cfg).state.finished
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_mae_vit_h_recipe_is_finetune_md():
+    cfg = compose("finetune", ["experiment=finetune_mae_vit_h_in1k", "data.root=/data/imagenet/train"])
+    recipe = cfg.finetune
+    assert cfg.backbone.name == "vit_h" and cfg.backbone.patch_size == 14 and recipe.classifier == "vit_avg"
+    assert (recipe.lr.base, recipe.lr.base_batch_size, recipe.layer_decay, recipe.drop_path) == (1e-3, 256, 0.75, 0.3)
+    assert cfg.trainer.max_epochs == 50 and recipe.lr.warmup_epochs == 5 and recipe.weight_decay == 0.05
+    assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 1024  # 8 nodes x 8 GPUs x 16
+
+
+FINETUNE_EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("finetune_*.yaml"))
+#: Shrinks each family to one block per stage (widths and patch kept) so that a paper recipe builds in seconds.
+SHRINK = {"vit": ["backbone.depth=1"], "swin": ["backbone.depths=[1,1,1,1]"],
+          "hivit": ["backbone.depth=1", "backbone.mlp_depth=[1,1]"]}
+
+
+@pytest.mark.parametrize("name", FINETUNE_EXPERIMENTS)
+def test_finetune_experiments_compose(name):
+    from omegaconf import OmegaConf
+
+    from mim_lightning.methods.finetune import CLASSIFIERS, PROBE_FEATURES
+
+    cfg = compose("finetune", [f"experiment={name}", "data.root=/data/imagenet/train"])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert cfg.data.image_size == 224 and cfg.finetune.classifier in CLASSIFIERS
+    assert cfg.finetune.linear_probe.feature in PROBE_FEATURES
+
+
+@pytest.mark.parametrize("name, classifier", [("finetune_mae_vit_h_in1k", "VisionTransformer"),
+                                              ("finetune_simmim_vit_b_in1k", "Beit"),
+                                              ("finetune_itpn_clip_b_in1k", "HiViTClassifier")])
+def test_new_finetune_recipes_build_at_paper_width(name, classifier):
+    family = compose("finetune", [f"experiment={name}"]).backbone.family
+    cfg = compose("finetune", [f"experiment={name}", "data.root=/data/imagenet/train", *SHRINK[family]])
+    module = build_finetune_module(cfg, num_classes=10)
+    assert type(module.model).__name__ == classifier
+    assert module(torch.randn(1, 3, 224, 224)).shape == (1, 10)
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def test_interrupted_finetuning_resumes_to_the_weights_of_an_uninterrupted_run(labelled, pretrained_ckpt, tmp_path):
+    # mid-epoch (4 batches an epoch, a crash before step 7 of 8), with what a resume must restore: drop path (torch
+    # RNG), Mixup/CutMix (numpy RNG), the data order and the per-sample RandAugment/erasing in worker processes, the
+    # lr schedule and the EMA of the weights (the weights the run ends with); the pretrained= file is not needed
+    # to resume (it is deleted before the resume)
+    own_copy = tmp_path / "pretrained.ckpt"
+    shutil.copy(pretrained_ckpt, own_copy)
+    run = [f"pretrained={own_copy}", "trainer.max_epochs=2", "data.num_workers=2",
+           "data.val_fraction=0.1", "callbacks.checkpoint.every_n_train_steps=2", "finetune.lr.warmup_epochs=1",
+           "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.5"]
+    straight = finetune(ft_cfg(labelled, tmp_path / "straight", *run))
+    assert straight.num_training_batches == 4 and straight.global_step == 8
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        finetune(ft_cfg(labelled, crashed, *run, "+callbacks.crash._target_=conftest.RaiseAtStep",
+                        "+callbacks.crash.step=7"))
+    saved = torch.load(crashed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 6 and saved["epoch"] == 1  # 2 of the 4 batches of epoch 1 done
+    own_copy.unlink()
+    resumed = finetune(ft_cfg(labelled, crashed, *run, "resume=auto"))
+    assert resumed.global_step == 8
+    a, b = straight.lightning_module.state_dict(), resumed.lightning_module.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    fresh = build_finetune_module(ft_cfg(labelled, tmp_path, *run[1:])).state_dict()
+    assert not torch.equal(a["model.blocks.0.attn.qkv.weight"], fresh["model.blocks.0.attn.qkv.weight"])  # it trained

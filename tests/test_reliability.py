@@ -126,6 +126,71 @@ def test_injected_nan_stops_with_the_step_and_the_previous_checkpoint_loads(tmp_
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
 
 
+def inject_nan(monkeypatch, calls_with_nan: set[int]) -> None:
+    """Make MAE's training loss NaN on the given (1-based) training forward calls."""
+    from mim_lightning.models.mae import MaskedAutoencoder
+
+    original = MaskedAutoencoder.forward
+    calls = {"n": 0}
+
+    def forward(self, images, mask=None):
+        output = original(self, images, mask)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in calls_with_nan:
+                output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(MaskedAutoencoder, "forward", forward)
+
+
+def test_checking_every_step_stops_before_the_bad_update(tmp_path, folder, capsys, monkeypatch):
+    inject_nan(monkeypatch, {8})
+    run_dir = tmp_path / "every"
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(pretrain, compose("pretrain", run_args(folder, run_dir, "nonfinite_check_every_n_steps=1")))
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite training loss (nan) at step 7, epoch 0; stopping before the optimizer step" in err
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_a_nan_between_checks_never_reaches_a_checkpoint(tmp_path, folder, capsys, monkeypatch):
+    """With the default cadence (50 steps) and no checkpoint before the epoch ends, the NaN of step 2 is found at
+    the end of the epoch (step 12) and the run stops before the end-of-training checkpoint is written."""
+    inject_nan(monkeypatch, {3})
+    run_dir = tmp_path / "deferred"
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(pretrain, compose("pretrain", run_args(folder, run_dir, "trainer.max_epochs=1",
+                                                            "callbacks.checkpoint.every_n_train_steps=1000")))
+    assert info.value.code == 1
+    assert "non-finite training loss (nan) at step 2; found at step 12" in capsys.readouterr().err
+    assert not list(run_dir.glob("checkpoints/*.ckpt"))
+
+
+def test_stop_reads_the_device_flag_only_every_n_steps(tmp_path, folder, monkeypatch):
+    """No host-device sync per step: the flag is read every N optimizer steps, at epoch ends and before checkpoints."""
+    from mim_lightning.methods.pretrain import PretrainModule
+
+    original = PretrainModule.check_nonfinite
+    reads: list[int] = []
+
+    def check(self):
+        reads.append(self.global_step)
+        return original(self)
+
+    def no_per_step_sync(self, value):
+        raise AssertionError("on_nonfinite=stop must not read the device every step")
+
+    monkeypatch.setattr(PretrainModule, "check_nonfinite", check)
+    monkeypatch.setattr(PretrainModule, "_all_finite", no_per_step_sync)
+    trainer = pretrain(compose("pretrain", run_args(folder, tmp_path / "cadence", "nonfinite_check_every_n_steps=5",
+                                                    "callbacks.checkpoint.every_n_train_steps=1000")))
+    assert trainer.global_step == 24
+    assert set(reads) == {4, 9, 12, 14, 19, 24}  # every 5th step (before its update), epoch ends, final checkpoint
+    assert len(reads) <= 9
+
+
 def test_on_nonfinite_skip_drops_the_step_and_counts_it(tmp_path, folder, monkeypatch):
     from mim_lightning.models.mae import MaskedAutoencoder
 
@@ -206,6 +271,7 @@ def bad_catalogue(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([f"ckpt_path={garbage}"], "not a torch checkpoint"),
         (["resume=sometimes"], "resume='sometimes'"),
         (["on_nonfinite=ignore"], "on_nonfinite='ignore'"),
+        (["nonfinite_check_every_n_steps=0"], "nonfinite_check_every_n_steps=0"),
         (["trainer.precision=17"], "trainer="),
     ]
 

@@ -40,7 +40,8 @@ class TrainingMonitor(Callback):
         images = batch["images"].shape[0] * trainer.world_size
         if len(self._times) > 1:
             elapsed = self._times[-1] - self._times[0]
-            pl_module.log("perf/images_per_sec", images * (len(self._times) - 1) / max(elapsed, 1e-9))
+            # A host tensor: Lightning turns a Python float into a device tensor with a blocking copy.
+            pl_module.log("perf/images_per_sec", torch.tensor(images * (len(self._times) - 1) / max(elapsed, 1e-9)))
         mask = batch.get("mask")
         if mask is not None:
             pl_module.log("mask/ratio", mask.float().mean(), batch_size=batch["images"].shape[0])

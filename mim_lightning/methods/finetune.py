@@ -15,16 +15,34 @@ Classifiers (plain ``nn.Module``, timm models where timm has one):
   relative-position-bias tables resized to the new window (SimMIM's geometric resampling, centre kept).
 - ``mixmim_avg`` (MixMAE): the project's MixMIM W14 encoder without mixing, mean over tokens, head; the head is at
   ``layer_decay ** 1`` as the official layer-id map gives it.
-- ``hivit_avg`` (iTPN-pixel): HiViT with zero-initialized relative-position tables, mean over unit tokens, ``fc_norm``,
-  head; the layer decay is rescaled to ``decay ** (13 / num_layers)`` as iTPN does.
+- ``beit_avg`` (SimMIM with a ViT, ``SimMIM:models/vision_transformer.py`` with the finetuning config
+  ``USE_RPB=True, USE_SHARED_RPB=False, USE_MEAN_POOLING=True``): timm ``Beit`` (the same BEiT-style blocks as
+  the SimMIM ViT encoder: q/v biases, layer scale ``gamma_1/gamma_2``, no absolute position embedding) with a
+  relative position bias table *per block*, each initialised from the pretraining's shared table (SimMIM's
+  ``load_pretrained``; resized geometrically, the 3 cls rows kept, when the grid differs), mean of the patch
+  tokens -> ``fc_norm`` (LN 1e-6; the final ``norm`` is Identity) -> head (std 2e-5 = 0.02 x init_scale 0.001).
+  Layer ids are SimMIM's ``get_vit_layer`` (= MAE's map); weight decay skips only ``pos_embed``/``cls_token`` and
+  1-D parameters, so the relative position tables are decayed, as the official ViT finetuning.
+- ``hivit_avg`` (iTPN): HiViT with relative-position tables (zeros at init: not in pixel checkpoints; iTPN-CLIP
+  checkpoints have them), mean over unit tokens, ``fc_norm``, head; the layer decay is rescaled to
+  ``decay ** (13 / num_layers)`` as iTPN does. ``layer_scale_init`` (iTPN-CLIP: 0.1) adds the ``gamma`` weights the
+  CLIP encoder was pretrained with (``run_itpn_finetuning.py --layer_scale_init_value``).
 
 Linear probing (``mode=linear_probe``) puts ``BatchNorm1d(D, affine=False, eps=1e-6)`` before the linear head
-and freezes everything else (``mae:main_linprobe.py``); for the Swin/HiViT families (no official probe) the
-feature is the average-pooled final tokens.
+and freezes everything else (``mae:main_linprobe.py``). The feature (``finetune.linear_probe.feature``): ``cls``
+(MAE: the cls token after the final norm); ``avg`` (the recipe's classifier with average-pooled final tokens:
+Swin, MixMIM, HiViT, none of which has official probe code); ``block_avg`` (SimMIM ViT: the patch tokens of block
+``finetune.linear_probe.block`` averaged, no norm: the maintainers' "8th layer with average pooling", SimMIM#14;
+the blocks after it are not built).
 
 Differences from the official code: the MixMIM/HiViT position embeddings are resized bicubically for another
-image size (iTPN's ``interpolate_pos_embed`` is a no-op there); the Swin rel-pos resampling uses SciPy's
-``RectBivariateSpline`` instead of the removed ``interp2d``; EMA of weights is Lightning's ``EMAWeightAveraging``.
+image size (iTPN's ``interpolate_pos_embed`` is a no-op there); the Swin and SimMIM-ViT rel-pos resampling uses
+SciPy's ``RectBivariateSpline`` instead of the removed ``interp2d`` (and handles rectangular grids, which the
+official ViT code rejects); SimMIM-ViT's shared table is copied to the blocks only when the checkpoint has one
+(the official code raises a KeyError otherwise, SimMIM#19), so per-block checkpoints load too; a missing layer
+scale (``gamma``) or relative position table that the classifier expects is a one-line error where the official
+loaders skip it silently (iTPN#17), except HiViT's tables (absent from pixel checkpoints: zeros, as official);
+EMA of weights is Lightning's ``EMAWeightAveraging``.
 """
 
 from __future__ import annotations
@@ -43,10 +61,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.optim import layer_decay_param_groups, scaled_lr, unwrapped_name, warmup_cosine_factor
+from mim_lightning.optim import layer_decay_param_groups, make_optimizer, scaled_lr, unwrapped_name, warmup_cosine_factor
 
 MODES = ("finetune", "linear_probe")
-CLASSIFIERS = ("vit_avg", "vit_cls", "swin_avg", "mixmim_avg", "hivit_avg")
+CLASSIFIERS = ("vit_avg", "vit_cls", "beit_avg", "swin_avg", "mixmim_avg", "hivit_avg")
+PROBE_FEATURES = ("cls", "avg", "block_avg")
+#: The backbone family each classifier kind is built from (the kind's prefix otherwise).
+CLASSIFIER_FAMILY = {"mixmim": "swin", "beit": "vit"}
 
 DEFAULT_LR = {"base": 5e-4, "base_batch_size": 256, "value": None, "min": 1e-6, "warmup_epochs": 5.0,
               "warmup_steps": None, "warmup_start": 0.0, "scale_min_and_warmup": False, "cosine_from": "warmup_end"}
@@ -82,6 +103,38 @@ def vit_layer_id(name: str, num_layers: int) -> int:
     if match:
         return int(match.group(1)) + 1
     return num_layers
+
+
+#: Rows after the (2h-1)(2w-1) grid offsets in a BEiT-style relative position table: cls-to-token,
+#: token-to-cls, cls-to-cls.
+BEIT_EXTRA_ROWS = 3
+
+
+def beit_classifier(backbone: Mapping[str, Any], img_size: int | Sequence[int], num_classes: int,
+                    drop_path: float = 0.0, depth: int | None = None, shared_rel_pos_bias: bool = False,
+                    global_pool: str = "avg", init_values: float | None = 0.1,
+                    use_fc_norm: bool | None = None) -> nn.Module:
+    """A timm ``Beit`` shaped like the SimMIM ViT encoder (``SimMIMViTEncoder``): patch conv, cls token, no
+    absolute position embedding, blocks with q/v biases and layer scale (``init_values``), LN eps 1e-6.
+
+    ``shared_rel_pos_bias=False`` gives every block its own relative position table (SimMIM finetuning,
+    ``USE_RPB=True``); True keeps the pretraining's one shared table. ``global_pool='avg'``: mean of the patch
+    tokens -> ``fc_norm`` -> head, the final ``norm`` Identity (``USE_MEAN_POOLING=True``). ``depth`` builds only
+    the first blocks (the linear probe on an intermediate block); ``use_fc_norm=False`` drops ``fc_norm`` (and
+    keeps ``norm``). ``(B, 3, H, W) -> (B, num_classes)``.
+    """
+    from timm.models.beit import Beit
+
+    from mim_lightning.masking import check_divisible
+
+    patch = int(backbone["patch_size"])
+    size = check_divisible(img_size, patch, "data.image_size", "backbone.patch_size")
+    return Beit(img_size=size, patch_size=patch, embed_dim=int(backbone["embed_dim"]),
+                depth=int(backbone["depth"]) if depth is None else int(depth), num_heads=int(backbone["num_heads"]),
+                mlp_ratio=float(backbone.get("mlp_ratio", 4.0)), qkv_bias=True, num_classes=num_classes,
+                global_pool=global_pool, drop_path_rate=float(drop_path), norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                init_values=init_values, use_abs_pos_emb=False, use_rel_pos_bias=not shared_rel_pos_bias,
+                use_shared_rel_pos_bias=shared_rel_pos_bias, head_init_scale=0.001, use_fc_norm=use_fc_norm)
 
 
 def swin_classifier(backbone: Mapping[str, Any], img_size: int | Sequence[int], num_classes: int, window_size: int,
@@ -210,26 +263,42 @@ class Classifier:
 
 def build_classifier(kind: str, backbone: Mapping[str, Any], img_size: int | Sequence[int], num_classes: int,
                      mode: str, drop_path: float = 0.0, head_init_std: float = 2e-5,
-                     window_size: int | None = None) -> Classifier:
+                     window_size: int | None = None, probe_feature: str | None = None, probe_block: int | None = None,
+                     layer_scale_init: float | None = None) -> Classifier:
     """The classifier ``kind`` (see :data:`CLASSIFIERS`) for ``mode``; the head is initialized with
-    ``trunc_normal_(std=head_init_std)`` and zero bias as the official code does after loading."""
+    ``trunc_normal_(std=head_init_std)`` and zero bias as the official code does after loading.
+
+    ``probe_feature`` (``mode=linear_probe``, see :data:`PROBE_FEATURES`): ``cls`` turns a ViT classifier into
+    ``vit_cls`` (also the ViT default); ``block_avg`` (``beit_avg`` only) probes the average-pooled output of block
+    ``probe_block`` (1-based); ``avg`` the average-pooled final tokens (ViT: through ``fc_norm`` at its init, as
+    MAE's ``--global_pool`` probe). ``layer_scale_init`` is HiViT's ``gamma`` init (iTPN-CLIP)."""
     from timm.layers import trunc_normal_
 
     if kind not in CLASSIFIERS:
         raise ConfigError("finetune.classifier", kind, ", ".join(CLASSIFIERS))
     family = backbone.get("family")
-    needed = {"mixmim": "swin"}.get(kind.split("_")[0], kind.split("_")[0])
+    needed = CLASSIFIER_FAMILY.get(kind.split("_")[0], kind.split("_")[0])
     if family != needed:
         raise ConfigError("backbone", backbone.get("name", family), f"{needed}_* backbones for the {kind} classifier",
                           f"the '{family}' family does not fit this method's finetuning classifier")
     probe = mode == "linear_probe"
+    if probe and probe_feature is not None:
+        supported = {"beit_avg": ("block_avg",)}.get(kind, ("cls", "avg") if family == "vit" else ("avg",))
+        if probe_feature not in supported:
+            raise ConfigError("finetune.linear_probe.feature", probe_feature, ", ".join(supported),
+                              f"the {kind} classifier has no '{probe_feature}' probe feature")
+        if probe_feature == "cls":
+            kind = "vit_cls"
+    if kind == "beit_avg":
+        return _beit(backbone, img_size, num_classes, probe, drop_path, head_init_std, probe_block)
     if kind == "swin_avg":
         return _swin(backbone, img_size, num_classes, probe, drop_path, head_init_std, window_size)
     if kind == "mixmim_avg":
         return _mixmim(backbone, img_size, num_classes, probe, drop_path, head_init_std, window_size)
     if kind == "hivit_avg":
-        return _hivit(backbone, img_size, num_classes, probe, drop_path, head_init_std)
-    pool = "token" if probe or kind == "vit_cls" else "avg"
+        return _hivit(backbone, img_size, num_classes, probe, drop_path, head_init_std, layer_scale_init)
+    # a ViT probe reads the cls token unless the feature is avg (MAE main_linprobe.py --global_pool: fc_norm at init)
+    pool = "token" if kind == "vit_cls" or (probe and probe_feature != "avg") else "avg"
     model = vit_classifier(backbone, img_size, num_classes, pool=pool, drop_path=0.0 if probe else drop_path)
     trunc_normal_(model.head.weight, std=head_init_std)
     nn.init.zeros_(model.head.bias)
@@ -242,6 +311,46 @@ def build_classifier(kind: str, backbone: Mapping[str, Any], img_size: int | Seq
     return Classifier(model, model.head, partial(vit_layer_id, num_layers=depth + 1), depth + 1,
                       no_weight_decay=("pos_embed", "cls_token", "dist_token"), allowed_missing=allowed_missing,
                       ignored_unexpected=ignored, grid=grid)
+
+
+def _beit(backbone: Mapping[str, Any], img_size: int | Sequence[int], num_classes: int, probe: bool,
+          drop_path: float, head_init_std: float, probe_block: int | None) -> Classifier:
+    """SimMIM-ViT finetuning (per-block relative position tables from the shared one) or, for the probe, the
+    pretraining encoder's first ``probe_block`` blocks (shared table, no final norm) + BN + Linear."""
+    from timm.layers import trunc_normal_
+
+    from mim_lightning.checkpoints import expand_shared_rel_pos_bias
+
+    depth = int(backbone["depth"])
+    if probe:
+        block = depth if probe_block is None else probe_block
+        if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= depth:
+            raise ConfigError("finetune.linear_probe.block", probe_block, f"a block number in 1..{depth} (the block "
+                              "whose patch tokens are averaged; SimMIM ViT-B: 8)")
+        model = beit_classifier(backbone, img_size, num_classes, depth=block, shared_rel_pos_bias=True,
+                                use_fc_norm=False)
+        model.norm = nn.Identity()  # an intermediate block's tokens, as they are (SimMIM#14)
+        trunc_normal_(model.head.weight, std=head_init_std)
+        nn.init.zeros_(model.head.bias)
+        model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6), model.head)
+        unused = ("norm.", *(f"blocks.{i}." for i in range(block, depth)))
+        classifier = Classifier(model, model.head, partial(vit_layer_id, num_layers=block + 1), block + 1,
+                                no_weight_decay=(), allowed_missing=("head.",), ignored_unexpected=unused,
+                                grid=tuple(model.patch_embed.grid_size))
+        classifier.key_map = lambda state: {k: v for k, v in state.items() if k != "mask_token"}
+    else:
+        model = beit_classifier(backbone, img_size, num_classes, drop_path=drop_path)
+        trunc_normal_(model.head.weight, std=head_init_std)
+        nn.init.zeros_(model.head.bias)
+        # SimMIM:optimizer.py get_vit_layer: cls/mask token, pos_embed, patch_embed 0; blocks.i i + 1; the rest
+        # (rel_pos_bias, fc_norm, head) the top: MAE's map with num_layers = depth + 1
+        classifier = Classifier(model, model.head, partial(vit_layer_id, num_layers=depth + 1), depth + 1,
+                                no_weight_decay=("pos_embed", "cls_token"), allowed_missing=("head.", "fc_norm."),
+                                ignored_unexpected=("norm.",), grid=tuple(model.patch_embed.grid_size))
+        classifier.key_map = lambda state: expand_shared_rel_pos_bias(
+            {k: v for k, v in state.items() if k != "mask_token"}, depth)
+    classifier.rel_pos_extra_rows = BEIT_EXTRA_ROWS
+    return classifier
 
 
 def _swin(backbone: Mapping[str, Any], img_size: int | Sequence[int], num_classes: int, probe: bool, drop_path: float,
@@ -289,12 +398,13 @@ def _mixmim(backbone: Mapping[str, Any], img_size: int | Sequence[int], num_clas
 
 
 def _hivit(backbone: Mapping[str, Any], img_size: int | Sequence[int], num_classes: int, probe: bool,
-           drop_path: float, head_init_std: float) -> Classifier:
+           drop_path: float, head_init_std: float, layer_scale_init: float | None = None) -> Classifier:
     from timm.layers import trunc_normal_
 
     from mim_lightning.models.backbones.hivit import PatchMerge, hivit_from_spec
 
-    encoder = hivit_from_spec(backbone, img_size, rpe=True, drop_path_rate=0.0 if probe else drop_path)
+    encoder = hivit_from_spec(backbone, img_size, rpe=True, drop_path_rate=0.0 if probe else drop_path,
+                              layer_scale_init=None if layer_scale_init is None else float(layer_scale_init))
     model = HiViTClassifier(encoder, num_classes)
     trunc_normal_(model.head.weight, std=head_init_std)
     nn.init.zeros_(model.head.bias)
@@ -380,7 +490,8 @@ def load_encoder(classifier: Classifier, state: Mapping[str, torch.Tensor], sour
 
     Swin-type encoders: keys are mapped to the classifier's names (``key_map``), relative-position-bias tables of
     another window are resized (SimMIM: geometric resampling; MixMIM: bicubic), index buffers recomputed, and a
-    fixed ``absolute_pos_embed`` resized bicubically to the new grid."""
+    fixed ``absolute_pos_embed`` resized bicubically to the new grid. SimMIM ViT: the shared table is copied to
+    every block (``key_map``) and resized to the new patch grid with its 3 cls rows kept."""
     from mim_lightning.checkpoints import resize_pos_embed, resize_rel_pos_bias
 
     model = classifier.model
@@ -392,8 +503,9 @@ def load_encoder(classifier: Classifier, state: Mapping[str, torch.Tensor], sour
         if key not in own or own[key].shape == value.shape:
             continue
         if key.endswith("relative_position_bias_table"):
-            window = (math.isqrt(own[key].shape[0]) + 1) // 2
-            state[key] = resize_rel_pos_bias(value, window, mode=mode)
+            extra = int(getattr(classifier, "rel_pos_extra_rows", 0))  # BEiT-style tables end with 3 cls rows
+            window = classifier.grid if extra else (math.isqrt(own[key].shape[0]) + 1) // 2
+            state[key] = resize_rel_pos_bias(value, window, mode=mode, num_extra_tokens=extra)
         elif key.endswith("relative_position_index"):
             state[key] = own[key]  # recomputed for the new window
         elif key.endswith("absolute_pos_embed") and value.shape[-1] == own[key].shape[-1]:
@@ -508,7 +620,8 @@ class FinetuneModule(pl.LightningModule):
             raise NonFiniteLossError(f"non-finite finetuning loss ({loss.item()}) at step {self.global_step}; "
                                      "lower finetune.lr.base or use bf16 instead of fp16")
         self.log("finetune/train_loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
-        self.log("train/lr", self.optimizers().param_groups[-1]["lr"], batch_size=images.shape[0])
+        # A host tensor: a Python float would be copied to the device with a blocking copy every step.
+        self.log("train/lr", torch.tensor(float(self.optimizers().param_groups[-1]["lr"])), batch_size=images.shape[0])
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
@@ -566,7 +679,7 @@ class FinetuneModule(pl.LightningModule):
 
             optimizer = Lars(groups, lr=lr, momentum=0.9, trust_coeff=0.001)
         elif callable(self.optimizer_factory):
-            optimizer = self.optimizer_factory(groups, lr=lr)
+            optimizer = make_optimizer(self.optimizer_factory, groups, lr, self.device)  # fused AdamW on CUDA
         else:
             raise ConfigError("finetune.optimizer", self.optimizer_factory, "lars or an optimizer _target_ (AdamW)")
         warmup, total = self.schedule_steps()
@@ -626,15 +739,22 @@ def build_finetune_module(cfg: DictConfig, num_classes: int | None = None) -> Fi
     num_classes = count_classes(cfg) if num_classes is None else int(num_classes)
     probe = mode == "linear_probe"
     lp = recipe.get("linear_probe") or {}
-    kind = str(lp.get("feature", "cls") if probe else recipe.get("classifier", "vit_avg"))
-    family = str(cfg.backbone.get("family"))
-    kind = {"cls": f"{family}_cls", "avg": f"{family}_avg"}.get(kind, kind)
+    kind = str(recipe.get("classifier", "vit_avg"))
+    feature = str(lp.get("feature", "avg")) if probe else None
+    if feature in CLASSIFIERS:  # a classifier kind named as the probe feature
+        kind, feature = feature, None
+    elif feature is not None and feature not in PROBE_FEATURES:
+        raise ConfigError("finetune.linear_probe.feature", feature, ", ".join(PROBE_FEATURES))
     head_std = float(lp.get("head_init_std", 0.01) if probe else recipe.get("head_init_std", 2e-5))
     window = recipe.get("window_size")
+    block = lp.get("block") if probe else None
+    scale = recipe.get("layer_scale_init")
     classifier = build_classifier(kind, cfg.backbone, cfg.data.image_size, num_classes, mode,
                                   drop_path=float(recipe.get("drop_path", 0.0)), head_init_std=head_std,
                                   window_size=None if window is None else (list(window) if not isinstance(window, int)
-                                                                           else int(window)))
+                                                                           else int(window)),
+                                  probe_feature=feature, probe_block=block,
+                                  layer_scale_init=None if scale is None else float(scale))
     if cfg.get("pretrained"):
         state = read_pretrained(cfg.pretrained, method_name(cfg), str(cfg.method.model._target_),
                                 str(recipe.get("encoder_prefix", "model.encoder.")), backbone=cfg.backbone)
@@ -662,4 +782,5 @@ def build_finetune_module(cfg: DictConfig, num_classes: int | None = None) -> Fi
         cutmix=float(recipe.get("cutmix", 0.0)), mixup_prob=float(recipe.get("mixup_prob", 1.0)),
         mixup_switch_prob=float(recipe.get("mixup_switch_prob", 0.5)), mixup_mode=str(recipe.get("mixup_mode", "batch")),
         smoothing=float(recipe.get("smoothing", 0.0)), batch_size=int(cfg.data.batch_size), config=config,
-        no_weight_decay_keys=getattr(classifier, "no_weight_decay_keys", ()))
+        no_weight_decay_keys=(*getattr(classifier, "no_weight_decay_keys", ()),
+                              *[str(k) for k in (recipe.get("no_weight_decay_keys") or [])]))

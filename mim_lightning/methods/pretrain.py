@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.optim import no_decay_names, param_groups, scaled_lr, warmup_cosine_factor, warmup_multistep_factor
+from mim_lightning.optim import (compile_in_place, make_optimizer, no_decay_names, param_groups, scaled_lr,
+                                 warmup_cosine_factor, warmup_multistep_factor)
 
 DEFAULT_LR = {
     "base": 1.5e-4,
@@ -38,6 +39,9 @@ DEFAULT_LR = {
 SCHEDULES = ("cosine", "multistep")
 COSINE_ORIGINS = ("warmup_end", "start")
 NONFINITE_POLICIES = ("stop", "skip")
+#: What a recorded non-finite value was (index stored on the device).
+NONFINITE_KINDS = ("training loss", "gradient norm")
+_NO_STEP = torch.iinfo(torch.long).max
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,15 +69,30 @@ class PretrainModule(pl.LightningModule):
         batch_size: the per-device batch size (``data.batch_size``), for the lr rule.
         config: the resolved run config, stored in checkpoints so that finetuning and export can
             rebuild the model.
-        on_nonfinite: ``stop`` (default) raises :class:`NonFiniteLossError` naming the step when the loss
-            or the gradients are NaN/inf, before the optimizer step, so no checkpoint with broken weights
-            is written; ``skip`` drops that step (no update) and counts it in ``train/skipped_steps``.
+        on_nonfinite: ``stop`` (default) raises :class:`NonFiniteLossError` naming the first step whose loss
+            or gradient norm was NaN/inf, and no checkpoint with broken weights is ever written; ``skip`` drops
+            such a step (no update) and counts it in ``train/skipped_steps``.
+        nonfinite_check_every_n_steps: how ``stop`` finds them without a host-device sync per step: the loss
+            and gradient norm are tested on the device every step, and the flag is read (one sync) every
+            N optimizer steps before that step's update, before every checkpoint is written, and at the end
+            of each epoch and of training. With 1 every step is read before its update (the run stops before
+            applying a bad step); with N > 1 up to N - 1 bad steps may be applied in memory, but they never
+            reach a checkpoint and the error names the first one. ``skip`` must decide before each optimizer
+            step, so it reads the flag every step (two syncs per step).
+        compile: compile the model in place with ``torch.compile`` (``nn.Module.compile``; checkpoint keys
+            stay those of the plain model); ``compile_kwargs`` go to ``torch.compile`` (``backend``, ``mode``...).
+
+    The batch's ``mask`` stays on the host (:meth:`transfer_batch_to_device`); models copy it to the device
+    without blocking, after reading on the host what must become a Python number (MAE/iTPN: the number of
+    visible patches), so the training step has no host-device sync.
     """
 
     def __init__(self, model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  weight_decay: float = 0.05, no_weight_decay: str = "ndim_or_bias",
                  no_weight_decay_keys: list[str] | tuple[str, ...] = (), lr: Mapping[str, Any] | None = None,
-                 batch_size: int = 64, config: Mapping[str, Any] | None = None, on_nonfinite: str = "stop") -> None:
+                 batch_size: int = 64, config: Mapping[str, Any] | None = None, on_nonfinite: str = "stop",
+                 nonfinite_check_every_n_steps: int = 50, compile: bool = False,
+                 compile_kwargs: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, betas=(0.9, 0.95))
@@ -91,12 +110,31 @@ class PretrainModule(pl.LightningModule):
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError("on_nonfinite", on_nonfinite, ", ".join(NONFINITE_POLICIES))
         self.on_nonfinite = on_nonfinite
+        every = nonfinite_check_every_n_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError("nonfinite_check_every_n_steps", every,
+                              "a positive integer (1 reads the flag before every optimizer step)")
+        self.nonfinite_check_every_n_steps = every
+        # (step, kind, value) of the first non-finite loss / gradient norm, on the device; step -1 = none yet
+        self._first_nonfinite: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.skipped_steps = 0
         self.save_hyperparameters(ignore=["model", "optimizer"])
+        compile_in_place(self.model, bool(compile), dict(compile_kwargs or {}))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None):
         return self.model(images, mask=mask)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move the batch to ``device`` except its ``mask``, which the model copies itself without blocking
+        (see the class docstring); a pinned host mask makes that copy asynchronous."""
+        if isinstance(batch, Mapping) and isinstance(batch.get("mask"), torch.Tensor):
+            moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k != "mask"}, device,
+                                                     dataloader_idx)
+            moved["mask"] = batch["mask"]
+            return moved
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # ------------------------------------------------------------------ non-finite losses and gradients
     def _all_finite(self, value: torch.Tensor) -> bool:
         """Whether ``value`` is finite on every rank (one host sync; ranks must agree to skip together)."""
         finite = torch.isfinite(value.detach()).all().float()
@@ -104,28 +142,69 @@ class PretrainModule(pl.LightningModule):
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         return bool(finite.item())
 
-    def _nonfinite(self, what: str, value: torch.Tensor) -> None:
-        """Stop with a message, or count a skipped step, for a non-finite loss or gradient."""
-        if self.on_nonfinite == "stop":
-            shown = value.item() if value.numel() == 1 else "nan/inf"
-            raise NonFiniteLossError(
-                f"non-finite {what} ({shown}) at step {self.global_step}, epoch {self.current_epoch}; stopping "
-                "before the optimizer step (the last checkpoint is untouched). Lower method.lr.base, set "
-                "trainer.gradient_clip_val, use bf16 instead of fp16, or on_nonfinite=skip.")
+    def _skip(self) -> None:
         self.skipped_steps += 1
-        self.log("train/skipped_steps", float(self.skipped_steps))
+        self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
 
+    def record_nonfinite(self, kind: int, value: torch.Tensor) -> None:
+        """Remember, on the device and without a sync, the first step at which ``value`` (a scalar; ``kind``
+        indexes :data:`NONFINITE_KINDS`) is NaN/inf. :meth:`check_nonfinite` reads it."""
+        value = value.detach().float().reshape(())
+        if self._first_nonfinite is None or self._first_nonfinite[0].device != value.device:
+            self._first_nonfinite = (torch.full((), -1, dtype=torch.long, device=value.device),
+                                     torch.zeros((), dtype=torch.long, device=value.device),
+                                     torch.zeros((), device=value.device))
+        step, which, seen = self._first_nonfinite
+        new = ~torch.isfinite(value) & (step < 0)
+        self._first_nonfinite = (torch.where(new, self.global_step, step), torch.where(new, kind, which),
+                                 torch.where(new, value, seen))
+
+    def check_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a recorded step had a non-finite loss or gradient norm on any
+        rank (one host sync; every rank calls this at the same points)."""
+        if self._first_nonfinite is None:
+            return
+        step, which, seen = self._first_nonfinite
+        first = torch.where(step >= 0, step, torch.full_like(step, _NO_STEP))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            first = self.trainer.strategy.reduce(first, reduce_op="min")
+        first_step = int(first.item())
+        if first_step == _NO_STEP:
+            return
+        mine = int(step.item()) == first_step
+        what = NONFINITE_KINDS[int(which.item())] if mine else "loss or gradient norm (on another rank)"
+        shown = seen.item() if mine else "nan/inf"
+        if first_step == self.global_step:
+            where = f"at step {first_step}, epoch {self.current_epoch}; stopping before the optimizer step"
+        else:
+            where = (f"at step {first_step}; found at step {self.global_step} (on_nonfinite=stop reads the flag "
+                     f"every {self.nonfinite_check_every_n_steps} steps and before every checkpoint)")
+        raise NonFiniteLossError(
+            f"non-finite {what} ({shown}) {where}; no checkpoint holds weights from that step on. Lower "
+            "method.lr.base, set trainer.gradient_clip_val, use bf16 instead of fp16, or on_nonfinite=skip.")
+
+    def gradient_norm(self) -> torch.Tensor | None:
+        """The total 2-norm of the model's gradients (``train/grad_norm``), None before any backward."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else None
+
+    # ------------------------------------------------------------------ steps
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         output = self.model(batch["images"], mask=batch.get("mask"))
         loss = output.loss
-        if not self._all_finite(loss):
-            self._nonfinite("training loss", loss)
-            return None  # Lightning skips backward and the optimizer step
+        if self.on_nonfinite == "skip":
+            if not self._all_finite(loss):
+                self._skip()
+                return None  # Lightning skips backward and the optimizer step
+        else:
+            self.record_nonfinite(0, loss)  # read in on_before_optimizer_step, every N steps
         batch_size = batch["images"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         for name, value in output.losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        # a host tensor: Lightning would copy a Python float to the device with a blocking copy
+        lr = torch.tensor(float(self.optimizers().param_groups[0]["lr"]))
+        self.log("train/lr", lr, prog_bar=True, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -134,19 +213,35 @@ class PretrainModule(pl.LightningModule):
         return output.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.nn.utils.get_total_norm(grads)
+        norm = self.gradient_norm()
         # fp16 loss scaling produces inf gradients by design; its scaler skips those steps itself.
-        if not str(self.trainer.precision).startswith("16") and not self._all_finite(norm):
-            self._nonfinite("gradient norm", norm)
-            optimizer.zero_grad(set_to_none=True)  # params without grads are not updated
-            return
-        self.log("train/grad_norm", norm)
+        checked = norm is not None and not str(self.trainer.precision).startswith("16")
+        if self.on_nonfinite == "skip":
+            if checked and not self._all_finite(norm):
+                self._skip()
+                optimizer.zero_grad(set_to_none=True)  # params without grads are not updated
+                return
+        else:
+            if checked:
+                self.record_nonfinite(1, norm)
+            if (self.global_step + 1) % self.nonfinite_check_every_n_steps == 0:
+                self.check_nonfinite()
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+
+    def on_train_epoch_end(self) -> None:
+        self.check_nonfinite()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "num_skipped"):
+            self.log("data/skipped", float(datamodule.num_skipped()), sync_dist=True)
+
+    def on_train_end(self) -> None:
+        self.check_nonfinite()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from lightning.pytorch.loggers import WandbLogger
+
+        self.check_nonfinite()  # never write weights that went through a non-finite step
 
         state: dict[str, Any] = {"skipped_steps": self.skipped_steps}
         for logger in self.trainer.loggers if self._trainer is not None else []:
@@ -156,11 +251,6 @@ class PretrainModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = int(checkpoint.get("mim_lightning", {}).get("skipped_steps", 0))
-
-    def on_train_epoch_end(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "num_skipped"):
-            self.log("data/skipped", float(datamodule.num_skipped()), sync_dist=True)
 
     # ------------------------------------------------------------------ optimizer
     def effective_batch_size(self) -> int:
@@ -200,7 +290,7 @@ class PretrainModule(pl.LightningModule):
     def configure_optimizers(self):
         lr = self.learning_rate()
         groups = param_groups(self.model, self.weight_decay, exempt=self._no_decay_names)
-        optimizer = self.optimizer_factory(groups, lr=lr)
+        optimizer = make_optimizer(self.optimizer_factory, groups, lr, self.device)  # fused AdamW on CUDA
         warmup, total = self.schedule_steps()
         min_lr, start_lr = self.min_and_warmup_start_lr()
         start_factor = start_lr / lr if lr > 0 else 0.0

@@ -36,10 +36,10 @@ from torch import nn
 
 from mim_lightning.errors import ConfigError
 from mim_lightning.losses import denormalize_patches, masked_mse, normalize_patches, patchify, unpatchify
-from mim_lightning.masking import check_ratio, random_mask
+from mim_lightning.masking import check_ratio
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
-from mim_lightning.models.mae import check_heads, visible_first_order
+from mim_lightning.models.mae import check_heads, device_unit_mask, visible_first_order
 from mim_lightning.models.output import MIMOutput
 from mim_lightning.models.pos_embed import sincos_2d
 
@@ -212,10 +212,10 @@ class ITPNPixel(nn.Module):
     def encode(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> PyramidEncoding:
         """Drop hidden units after the patch embedding, run stems, main stage and pyramid on the rest."""
         batch = images.shape[0]
-        if mask is None:
-            mask = random_mask(batch, self.grid, self.mask_ratio, device=images.device)
-        flat_mask = flat_unit_mask(mask, batch, self.grid)
-        ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask)
+        # a host mask is counted on the host and copied without blocking (no device sync per step)
+        flat_mask, len_keep = device_unit_mask(None if mask is None else flat_unit_mask(mask, batch, self.grid),
+                                               batch, self.grid, self.mask_ratio, images.device)
+        ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask, len_keep)
         keep_ids = ids_shuffle[:, :len_keep]
         x, features = self.encoder.forward_stem(images, keep_ids)
         latent, _ = self.encoder.forward_main(x, keep_ids)

@@ -313,7 +313,7 @@ class ITPNClip(nn.Module):
         """A BEiT block mask per sample, drawn from a numpy generator seeded by the global torch RNG."""
         generator = BlockMask(self.encoder.img_size, self.patch_size, self.mask_ratio, min_block=self.mask_min_block)
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
-        return torch.from_numpy(np.stack([generator(rng) for _ in range(batch)])).to(device)
+        return torch.from_numpy(np.stack([generator(rng) for _ in range(batch)])).to(device, non_blocking=True)
 
     def predict(self, images: torch.Tensor, flat_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(main-head prediction, auxiliary prediction) both (B, N, teacher_dim), and the main-stage output (B, N, C)."""
@@ -345,7 +345,7 @@ class ITPNClip(nn.Module):
         batch = images.shape[0]
         if mask is None:
             mask = self.default_mask(batch, images.device)
-        flat_mask = flat_unit_mask(mask, batch, self.grid)
+        flat_mask = flat_unit_mask(mask, batch, self.grid).to(images.device, non_blocking=True)  # a host mask: no sync
         target = self.teacher(images)
         main, aux, latent = self.predict(images, flat_mask)
         loss_main = F.smooth_l1_loss(main.float(), target, beta=self.loss_beta)

@@ -10,6 +10,8 @@ Differences from the official code, none of which changes the loss for a given m
   is permutation-equivariant, so the outputs are the same up to that order.
 - Attention uses timm's fused ``scaled_dot_product_attention`` (same math, not bit-identical to
   timm 0.3.2's explicit softmax).
+- The mask may live on the CPU while the images are on the GPU: the number of kept patches (a tensor
+  shape) is read where the mask is, so a host mask costs no device sync (see :func:`kept_count`).
 """
 
 from __future__ import annotations
@@ -36,17 +38,45 @@ def check_heads(dim: int, heads: int, key: str) -> None:
         raise ConfigError(key, heads, f"a head count dividing the width {dim} (width divisible by 4)")
 
 
-def visible_first_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For a (B, L) bool mask with the same number of hidden patches per row, return
-    ``(ids_shuffle, ids_restore, len_keep)``: visible indices first (raster order), then hidden."""
+def kept_count(mask: torch.Tensor) -> int:
+    """Visible patches per sample of a (B, L) bool mask; :class:`ConfigError` unless every row hides the
+    same number (the encoder drops hidden patches, so rows must stay the same length).
+
+    The count becomes a tensor shape, so it has to be read on the host: free for a mask on the CPU (the
+    pretraining module hands masks over on the host for that reason), one device sync for a GPU mask.
+    """
     hidden = mask.sum(dim=1)
     low, high = (int(v) for v in torch.stack(hidden.aminmax()).tolist())
     if low != high:
         raise ConfigError("mask", f"{low}..{high} hidden patches per sample",
                           "the same number of hidden patches in every sample of a batch (MAE drops them)")
+    return mask.shape[1] - low
+
+
+def visible_first_order(mask: torch.Tensor, len_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For a (B, L) bool mask with the same number of hidden patches per row, return
+    ``(ids_shuffle, ids_restore, len_keep)``: visible indices first (raster order), then hidden.
+    ``len_keep`` (from :func:`kept_count`) is computed from the mask when not given."""
+    if len_keep is None:
+        len_keep = kept_count(mask)
     ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    return ids_shuffle, ids_restore, mask.shape[1] - low
+    return ids_shuffle, ids_restore, len_keep
+
+
+def device_unit_mask(mask: torch.Tensor | None, batch: int, grid: tuple[int, int], ratio: float,
+                     device: torch.device) -> tuple[torch.Tensor, int]:
+    """The (B, L) bool mask on ``device`` and its kept count, with no device sync: a given mask (any device,
+    (B, ...) or one (1, ...) mask for the batch) is counted where it lives (see :func:`kept_count`) and
+    then copied without blocking; ``None`` draws :func:`random_mask` on the device, whose count is known."""
+    length = grid[0] * grid[1]
+    if mask is None:
+        return random_mask(batch, grid, ratio, device=device).reshape(batch, length), int(length * (1.0 - ratio))
+    if mask.shape[0] == 1 and batch > 1:
+        mask = mask.expand(batch, *mask.shape[1:])  # one mask shared by the batch
+    flat = mask.reshape(batch, -1).bool()
+    len_keep = kept_count(flat)
+    return flat.to(device, non_blocking=True), len_keep
 
 
 class MAEDecoder(nn.Module):
@@ -117,12 +147,8 @@ class MaskedAutoencoder(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         batch = images.shape[0]
-        if mask is None:
-            mask = random_mask(batch, self.grid, self.mask_ratio, device=images.device)
-        elif mask.shape[0] == 1 and batch > 1:
-            mask = mask.expand(batch, *mask.shape[1:])  # one mask shared by the batch
-        flat_mask = mask.reshape(batch, -1).bool()
-        ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask)
+        flat_mask, len_keep = device_unit_mask(mask, batch, self.grid, self.mask_ratio, images.device)
+        ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask, len_keep)
         latent = self.encoder(images, keep_ids=ids_shuffle[:, :len_keep])
         pred = self.decoder(latent, ids_restore)
         target = patchify(images, self.patch_size)
@@ -134,4 +160,4 @@ class MaskedAutoencoder(nn.Module):
             loss = masked_mse(pred, target, flat_mask)
             pixels = pred.float()
         return MIMOutput(loss=loss, pred=unpatchify(pixels, self.patch_size, self.grid, images.shape[1]),
-                         mask=mask.reshape(batch, *self.grid).bool(), latent=latent)
+                         mask=flat_mask.reshape(batch, *self.grid), latent=latent)

@@ -168,7 +168,7 @@ class MixMAE(nn.Module):
         return mask.reshape(-1, *self.grid)[:1].bool()
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
-        mask = self.draw_mask(images.device) if mask is None else self.check_mask(mask.to(images.device))
+        mask = self.draw_mask(images.device) if mask is None else self.check_mask(mask.to(images.device, non_blocking=True))
         latent = self.encoder(images, mask)
         flat_mask = mask.reshape(1, -1)
         pred = unmix(self.decoder(latent, flat_mask), flat_mask).float()

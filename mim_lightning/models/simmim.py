@@ -112,7 +112,7 @@ class SimMIM(nn.Module):
         batch = images.shape[0]
         if mask is None:
             mask = unit_mask(batch, self.mask_generator, device=images.device)
-        mask = self.check_mask(mask, batch)
+        mask = self.check_mask(mask, batch).to(images.device, non_blocking=True)  # a host mask: no sync
         tokens = self.encoder.forward_tokens(images, mask)
         pred = self.decoder(self.encoder.to_map(tokens))
         loss = masked_pixel_l1(pred, images, mask)

@@ -18,8 +18,11 @@ timm's own ``SwinTransformer`` puts the patch merging at the *start* of a stage,
 ``layers.{i+1}.downsample.*`` is this encoder's (and the official) ``layers.{i}.downsample.*``;
 every other name is the same. timm's ``PatchMerging`` concatenates the 2x2 neighbours in the
 official order (x0=[0::2,0::2], x1=[1::2,0::2], x2=[0::2,1::2], x3=[1::2,1::2]), so no weight
-permutation is needed. Blocks run on (B, H, W, C) tensors and attention uses timm's fused
-``scaled_dot_product_attention`` (same math as the official explicit softmax, not bit-identical).
+permutation is needed. Blocks run on (B, H, W, C) tensors and attention runs through
+``F.scaled_dot_product_attention`` with the relative position bias (plus the -100 shift mask in shifted
+blocks) as its additive mask: same math as the official explicit softmax, not bit-identical. timm keeps
+that path behind an "experimental" flag for Swin (``fused_attn=False`` by default);
+:func:`use_sdpa_window_attention` turns it on here and for timm's ``SwinTransformer`` classifier.
 
 Windows follow the official rule: a stage whose map is not larger than the window attends
 globally (window = map side, no shift). Maps that are not a multiple of the window are rejected
@@ -33,7 +36,7 @@ from typing import Any
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
-from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 from torch import nn
 
 from mim_lightning.errors import ConfigError
@@ -41,6 +44,18 @@ from mim_lightning.masking import check_divisible, to_pair
 
 #: The image size of SimMIM's Swin pretraining configs; ``backbone.simmim_window_size`` is the window there.
 SIMMIM_SWIN_IMAGE_SIZE = 192
+
+
+def use_sdpa_window_attention(model: nn.Module) -> int:
+    """Make every timm Swin ``WindowAttention`` in ``model`` use ``F.scaled_dot_product_attention``
+    (timm's own ``fused_attn`` branch, off by default for Swin) instead of an explicit softmax over
+    ``QK^T * scale + bias (+ shift mask)``. Same parameters and math. Returns the number switched."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, WindowAttention) and not module.fused_attn:
+            module.fused_attn = True
+            switched += 1
+    return switched
 
 
 def _plan_windows(grid: tuple[int, int], num_stages: int, window_size: int) -> tuple[list[tuple[int, int]], int | None]:
@@ -110,6 +125,7 @@ class SwinStage(nn.Module):
             for index in range(depth)
         )
         self.downsample = PatchMerging(dim=dim, out_dim=2 * dim, norm_layer=norm_layer) if downsample else None
+        use_sdpa_window_attention(self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
