@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-all clean
+.PHONY: install train test test-all benchmark reproduce-small clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ train: $(STAMP)
 # The fast suite (what CI runs).
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# The CPU benchmark table (docs/benchmarks.md) and the Fashion-MNIST evidence (docs/small_scale.md; needs
+# apt-get install dataset-fashion-mnist).
+benchmark: $(STAMP)
+	$(PY) scripts/benchmark.py --suite --out docs $(ARGS)
+
+reproduce-small: $(STAMP)
+	$(PY) scripts/reproduce_small.py $(ARGS)
 
 # Everything, including tests marked slow.
 test-all: $(STAMP)

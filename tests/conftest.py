@@ -147,3 +147,29 @@ class RaiseAtStep:
                     raise RuntimeError(f"simulated crash at step {step}")
 
         return _Raise()
+
+
+def write_idx_split(folder: Path, images_name: str, labels_name: str, count: int, seed: int) -> None:
+    """Fashion-MNIST-layout idx files (gzip, big-endian headers): ``count`` 28x28 images, labels cycling 0-9."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count, dtype=np.uint8) % 10
+    yy, xx = np.mgrid[0:28, 0:28]
+    images = np.stack([((np.sin((xx + yy * (label + 1)) / (label + 2)) + 1) * 100
+                        + rng.integers(0, 50, (28, 28))).astype(np.uint8) for label in labels])
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / images_name, "wb") as handle:
+        handle.write(struct.pack(">IIII", 2051, count, 28, 28) + images.tobytes())
+    with gzip.open(folder / labels_name, "wb") as handle:
+        handle.write(struct.pack(">II", 2049, count) + labels.tobytes())
+
+
+@pytest.fixture
+def fashion_mnist_raw(tmp_path) -> Path:
+    """A miniature Fashion-MNIST package folder: 60 train and 20 test images in the idx layout."""
+    root = tmp_path / "fashion-mnist"
+    write_idx_split(root, "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60, seed=0)
+    write_idx_split(root, "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 20, seed=1)
+    return root

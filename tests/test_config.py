@@ -92,16 +92,18 @@ def test_mask_options_build(option, tmp_path):
 
 
 @pytest.mark.parametrize("option", group_options("data"))
-def test_data_options_build(option, tmp_path, image_folder, class_folder):
+def test_data_options_build(option, tmp_path, image_folder, class_folder, fashion_mnist_raw):
     root = {"folder": image_folder, "imagefolder": class_folder}.get(option)
     overrides = [f"data={option}", f"run_dir={tmp_path}", "data.num_workers=0", "data.batch_size=2"]
     if root is not None:
         overrides.append(f"data.root={root}")
+    if option == "fashion_mnist":
+        overrides.append(f"data.source.raw_dir={fashion_mnist_raw}")
     dm = build_datamodule(compose("pretrain", overrides))
     dm.setup("fit")
     item = dm.train_dataset[(0, 0)]
     assert item["images"].shape == (3, 64, 64) and item["mask"].shape == (8, 8)
-    assert ("label" in item) == (option == "imagefolder")
+    assert ("label" in item) == (option in ("imagefolder", "fashion_mnist"))
 
 
 @pytest.mark.parametrize("option", group_options("trainer"))

@@ -75,10 +75,20 @@ def classification_eval_transform(image_size: int, crop_pct: float | None = None
 def classification_train_transform(image_size: int, mode: str = "finetune", auto_augment: str | None = None,
                                    color_jitter: float | None = None, reprob: float = 0.0, remode: str = "pixel",
                                    recount: int = 1, interpolation: str = "bicubic",
-                                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-    """timm's training transform (finetune) or RandomResizedCrop + flip (linear probe)."""
+                                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                                   scale: Sequence[float] | None = None):
+    """timm's training transform (finetune) or RandomResizedCrop + flip (linear probe).
+
+    ``scale``: the RandomResizedCrop area range; null keeps the official (0.08, 1) (small images such as
+    Fashion-MNIST want a milder one, e.g. [0.5, 1]).
+    """
+    if scale is not None:
+        scale = tuple(float(s) for s in scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError("finetune.augment.scale", list(scale), "[min, max] with 0 < min <= max <= 1, or null")
     if mode == "linear_probe":
-        return T.Compose([T.RandomResizedCrop(image_size, interpolation=interpolation_mode(interpolation)),
+        return T.Compose([T.RandomResizedCrop(image_size, scale=scale or (0.08, 1.0),
+                                              interpolation=interpolation_mode(interpolation)),
                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
     from timm.data import create_transform
 
@@ -86,7 +96,8 @@ def classification_train_transform(image_size: int, mode: str = "finetune", auto
     try:
         return create_transform(input_size=image_size, is_training=True, color_jitter=color_jitter,
                                 auto_augment=auto_augment, interpolation=interpolation, re_prob=float(reprob),
-                                re_mode=remode, re_count=int(recount), mean=tuple(mean), std=tuple(std))
+                                re_mode=remode, re_count=int(recount), mean=tuple(mean), std=tuple(std),
+                                scale=scale)
     except (AssertionError, ValueError, KeyError) as exc:
         raise ConfigError("finetune.augment", auto_augment, "a timm auto_augment string, e.g. rand-m9-mstd0.5-inc1",
                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
