@@ -237,9 +237,9 @@ def summary_rows(results: list[dict], methods: list[Method]) -> list[dict]:
             return [r["top1"] for r in mine if r["kind"] == kind]
 
         finetuned, probed, scratch = values("finetune"), values("linear_probe"), values("scratch")
-        gaps = [f - s for f, s in zip(
-            [r["top1"] for r in sorted((r for r in mine if r["kind"] == "finetune"), key=lambda r: r["seed"])],
-            [r["top1"] for r in sorted((r for r in mine if r["kind"] == "scratch"), key=lambda r: r["seed"])])]
+        by_seed = {kind: {r["seed"]: r["top1"] for r in mine if r["kind"] == kind} for kind in ("finetune", "scratch")}
+        gaps = [top1 - by_seed["scratch"][seed] for seed, top1 in sorted(by_seed["finetune"].items())
+                if seed in by_seed["scratch"]]
         pretrain_s = [r["seconds"] for r in mine if r["kind"] == "pretrain"]
         gap_mean, gap_std = mean_std(gaps)
         if math.isnan(gap_mean):
