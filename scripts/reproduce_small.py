@@ -20,7 +20,8 @@ Needs ``apt-get install dataset-fashion-mnist`` (the idx files in /usr/share/dat
 
 Results are appended to ``<work-dir>/results.jsonl`` as each run finishes; running the command again skips what is
 done (and a pretraining run that was interrupted resumes from its last checkpoint), so an interrupted
-reproduction continues where it stopped. ``--out`` receives ``small_scale.md`` and ``small_scale.png``; with
+reproduction continues where it stopped. ``--out`` receives ``small_scale.md`` and ``small_scale.png`` (a
+``small_scale_notes.md`` there, the hand-written reading of the numbers, is appended to the report); with
 ``--readme`` the table between the ``<!-- small-scale:begin -->`` / ``<!-- small-scale:end -->`` markers is
 replaced.
 
@@ -365,6 +366,9 @@ Compute time {sum(r["seconds"] for r in results) / 60:.0f} min (the sum over the
 "Beats scratch" is the mean of the per-seed gaps (pretrained finetune − scratch finetune); "within noise" when the
 gap is smaller than its std over seeds.
 """
+    notes = out / "small_scale_notes.md"
+    if notes.is_file():  # the hand-written reading of the results, kept across regenerations
+        doc += "\n" + notes.read_text()
     write_atomic(out / "small_scale.md", doc)
     if readme is not None:
         rel = os.path.relpath(out / "small_scale.md", readme.parent)
