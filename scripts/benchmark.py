@@ -67,7 +67,6 @@ from torch import nn
 
 from mim_lightning import ConfigError, build_datamodule, build_pretrain_module, compose
 from mim_lightning.api import compile_kwargs
-from mim_lightning.losses import denormalize_patches, masked_mse, normalize_patches, patchify, unpatchify
 from mim_lightning.models.mae import MaskedAutoencoder, device_unit_mask
 from mim_lightning.models.output import MIMOutput
 from mim_lightning.optim import compile_in_place, make_optimizer
@@ -132,17 +131,7 @@ class MAEAllTokens(MaskedAutoencoder):
         latent = encoder.norm(x)
         length = flat_mask.shape[1]
         identity = torch.arange(length, device=images.device).expand(batch, length)
-        pred = self.decoder(latent, identity)
-        target = patchify(images, self.patch_size)
-        if self.norm_pix_loss:
-            normalized, mean, var = normalize_patches(target)
-            loss = masked_mse(pred, normalized, flat_mask)
-            pixels = denormalize_patches(pred.float(), mean, var)
-        else:
-            loss = masked_mse(pred, target, flat_mask)
-            pixels = pred.float()
-        return MIMOutput(loss=loss, pred=unpatchify(pixels, self.patch_size, self.grid, images.shape[1]),
-                         mask=flat_mask.reshape(batch, *self.grid), latent=latent)
+        return self.reconstruction_output(images, self.decoder(latent, identity), flat_mask, latent)
 
 
 def mae_all_tokens_module(cfg: Any, module_class: type, recipe: dict[str, Any]) -> Any:

@@ -150,7 +150,12 @@ class MaskedAutoencoder(nn.Module):
         flat_mask, len_keep = device_unit_mask(mask, batch, self.grid, self.mask_ratio, images.device)
         ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask, len_keep)
         latent = self.encoder(images, keep_ids=ids_shuffle[:, :len_keep])
-        pred = self.decoder(latent, ids_restore)
+        return self.reconstruction_output(images, self.decoder(latent, ids_restore), flat_mask, latent)
+
+    def reconstruction_output(self, images: torch.Tensor, pred: torch.Tensor, flat_mask: torch.Tensor,
+                              latent: torch.Tensor) -> MIMOutput:
+        """The loss (MSE on hidden patches, per-patch normalized targets with ``norm_pix_loss``) and the
+        output of decoder predictions ``pred`` (B, L, p*p*C) for ``images`` under ``flat_mask`` (B, L)."""
         target = patchify(images, self.patch_size)
         if self.norm_pix_loss:
             normalized, mean, var = normalize_patches(target)
@@ -160,4 +165,4 @@ class MaskedAutoencoder(nn.Module):
             loss = masked_mse(pred, target, flat_mask)
             pixels = pred.float()
         return MIMOutput(loss=loss, pred=unpatchify(pixels, self.patch_size, self.grid, images.shape[1]),
-                         mask=flat_mask.reshape(batch, *self.grid), latent=latent)
+                         mask=flat_mask.reshape(images.shape[0], *self.grid), latent=latent)
