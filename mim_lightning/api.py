@@ -85,12 +85,38 @@ def build_pretrain_module(cfg: DictConfig) -> pl.LightningModule:
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The ``callbacks`` group's callbacks (no progress bar with ``trainer.enable_progress_bar=false``), the
+    per-rank seeding, the stop-signal handler and the start-of-run summary."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from mim_lightning.callbacks.summary import RunSummary
+
     callbacks = [instantiate_checked(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    return callbacks + [SeedPerRank(cfg.seed), StopOnSignal()]
+    if (cfg.get("trainer") or {}).get("enable_progress_bar", True) is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks + [SeedPerRank(cfg.seed), StopOnSignal(), RunSummary(to_container(cfg))]
 
 
 def build_loggers(cfg: DictConfig) -> list:
     return [instantiate_checked(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+#: Trainer keys that must be integers, with their smallest allowed value (None is allowed where Lightning takes it).
+TRAINER_INT_KEYS = {"max_epochs": -1, "max_steps": -1, "accumulate_grad_batches": 1, "log_every_n_steps": 1,
+                    "num_nodes": 1, "check_val_every_n_epoch": 1, "num_sanity_val_steps": -1}
+
+
+def check_trainer_values(trainer_cfg: DictConfig) -> None:
+    """One-line errors for the Trainer values Lightning would reject with a bare TypeError or accept silently."""
+    for key, low in TRAINER_INT_KEYS.items():
+        value = trainer_cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"trainer.{key}", value, f"an integer >= {low}")
+    clip = trainer_cfg.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise ConfigError("trainer.gradient_clip_val", clip, "null (no clipping) or a number >= 0, e.g. 5.0")
 
 
 def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
@@ -107,6 +133,7 @@ def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
     kwargs = dict(callbacks=build_callbacks(cfg), logger=loggers if loggers else False, plugins=plugins,
                   use_distributed_sampler=False)
     kwargs.update(overrides)
+    check_trainer_values(cfg.trainer)
     try:
         return instantiate_checked(cfg.trainer, **kwargs)
     except ConfigError:
@@ -116,18 +143,38 @@ def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
 
         cause = exc.__cause__ or exc
         if isinstance(cause, (MisconfigurationException, ValueError, TypeError)):
-            raise ConfigError("trainer", type(cause).__name__, "valid Lightning Trainer arguments (see trainer/*.yaml)",
-                              str(cause).splitlines()[0]) from None
+            message = " ".join(str(cause).split())
+            raise ConfigError("trainer", "...", "valid Lightning Trainer arguments (see conf/trainer/*.yaml)",
+                              f"Lightning says: {message}") from None
         raise
 
 
 @rank_zero_only
-def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
-    """Write the resolved config to ``<run_dir>/config.yaml`` (the exact settings of the run)."""
+def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike, resuming: bool = False) -> Path:
+    """Write the resolved config to ``<run_dir>/config.yaml`` (the exact settings of the run); a resumed run
+    writes ``config.resume-<N>.yaml`` instead, so the original record is never overwritten."""
+    from mim_lightning.resume import next_resume_config_path
+
     path = Path(run_dir) / "config.yaml"
+    if resuming and path.exists():
+        path = next_resume_config_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))
     return path
+
+
+def check_resume_keeps_run(cfg: DictConfig, ckpt_path: str) -> None:
+    """A resume must not change what the checkpoint's run trains (the Python API's guard; the command line
+    restores the stored config first, see :mod:`mim_lightning.resume`)."""
+    from mim_lightning.resume import checkpoint_config, identity_differences, move_paths, refuse_changes
+
+    if cfg.get("resume_force", False) or Path(ckpt_path).is_dir():
+        return
+    stored = checkpoint_config(ckpt_path)
+    if not stored:
+        return
+    stored = move_paths(stored, str(stored.get("run_dir", "")), str(cfg.run_dir))
+    refuse_changes(identity_differences(stored, to_container(cfg)), str(ckpt_path))
 
 
 RESUME_OPTIONS = ("null", "auto")
@@ -202,22 +249,26 @@ def pretrain(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
     check_multirun_strategy(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    return fit_run(cfg, build_datamodule, lambda datamodule, resuming: build_pretrain_module(cfg))
+    return fit_run(cfg, build_datamodule, lambda datamodule, resuming: build_pretrain_module(cfg), log_name="train")
 
 
-def fit_run(cfg: DictConfig, make_datamodule, make_module) -> pl.Trainer:
+def fit_run(cfg: DictConfig, make_datamodule, make_module, log_name: str = "train") -> pl.Trainer:
     """Build and fit one run: resolve the checkpoint to resume, check the data before any process is
     launched (``make_module(datamodule, resuming)`` builds the module), write the run config, and close the
-    W&B run at the end."""
+    W&B run at the end. Run messages go to the console and ``<run_dir>/<log_name>.log``."""
+    from mim_lightning import runlog
+
+    runlog.attach_run_log(str(cfg.run_dir), log_name)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
+        check_resume_keeps_run(cfg, ckpt_path)
         continue_wandb_run(cfg, ckpt_path)
     datamodule = make_datamodule(cfg)
     datamodule.setup("fit")  # finds bad data settings before any process is launched (idempotent)
     module = make_module(datamodule, ckpt_path is not None)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
-        save_run_config(cfg, cfg.run_dir)
+        save_run_config(cfg, cfg.run_dir, resuming=ckpt_path is not None)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
@@ -277,4 +328,4 @@ def finetune(cfg: DictConfig) -> pl.Trainer:
         return build_finetune_module(module_cfg, num_classes=len(datamodule.classes)
                                      if cfg.get("num_classes") is None else None)
 
-    return fit_run(cfg, build_finetune_datamodule, make_module)
+    return fit_run(cfg, build_finetune_datamodule, make_module, log_name="finetune")

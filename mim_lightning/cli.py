@@ -1,4 +1,4 @@
-"""What the entry points share: one-line errors and exit codes."""
+"""What the entry points share: argument checks before Hydra, ``--help``, resumes, one-line errors, exit codes."""
 
 from __future__ import annotations
 
@@ -6,11 +6,20 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mim_lightning.config import as_config_error, check_group_choices
+from mim_lightning.config import (GROUPS, as_config_error, check_group_choices, compose, group_options,
+                                  normalize_overrides, with_default_experiment)
 from mim_lightning.errors import ConfigError
 
 EXIT_CONFIG_ERROR = 2
 EXIT_RUN_FAILED = 1
+
+#: The config groups each app composes, with what they choose.
+APP_GROUPS = {
+    "pretrain": ("method", "backbone", "mask", "data", "trainer", "logger", "callbacks", "experiment"),
+    "finetune": ("method", "backbone", "data", "trainer", "logger", "callbacks", "experiment"),
+}
+#: The log file each app writes in its run folder (Hydra's job name).
+APP_LOG = {"pretrain": "train", "finetune": "finetune"}
 
 
 def fail(message: str, code: int) -> None:
@@ -18,12 +27,149 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def check_argv(argv: list[str]) -> None:
-    """Reject unknown ``group=option`` choices before Hydra prints its multi-line report."""
+def experiment_app(name: str) -> str:
+    """Which app an experiment belongs to: ``finetune_*`` recipes are finetuning ones, the rest pretraining."""
+    return "finetune" if name.startswith("finetune_") else "pretrain"
+
+
+def experiments_for(app: str) -> list[str]:
+    return [name for name in group_options("experiment") if experiment_app(name) == app]
+
+
+def check_argv(argv: list[str], app: str = "pretrain") -> None:
+    """Reject unknown ``group=option`` choices, and experiments of the other app, before Hydra reports them."""
     try:
         check_group_choices(argv)
+        for arg in argv:
+            key, sep, value = arg.partition("=")
+            if sep and key.lstrip("+") == "experiment":
+                for name in (v.strip() for v in value.split(",")):
+                    if name and name not in ("null", "None") and experiment_app(name) != app:
+                        raise ConfigError("experiment", name, ", ".join(experiments_for(app)),
+                                          f"a {experiment_app(name)} recipe, not a {app} one")
     except ConfigError as error:
         fail(str(error), EXIT_CONFIG_ERROR)
+
+
+def _is_multirun(argv: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in argv)
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The ``key=value`` / ``group=option`` arguments (no flags, no Hydra's own settings)."""
+    return [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))]
+
+
+def precheck(app: str, argv: list[str]) -> None:
+    """Compose once before Hydra does, so a bad key (a typo) is one line with "did you mean" and exit 2."""
+    overrides = _overrides(argv)
+    if _is_multirun(argv) or any("," in a.partition("=")[2] and "[" not in a for a in overrides):
+        return  # sweep values: Hydra expands them per job
+    if any(a.startswith(("--cfg", "-c", "--info", "--help", "-h", "--hydra-help", "--shell-completion")) for a in argv):
+        return
+    try:
+        compose(app, overrides)
+    except ConfigError as error:
+        fail(str(error), EXIT_CONFIG_ERROR)
+
+
+def prepare_argv(app: str, argv: list[str]) -> list[str]:
+    """Normalize ``group=null``, add the demo experiment where it applies, and check choices and keys."""
+    argv = normalize_overrides(argv)
+    flags = [a for a in argv if a.startswith("-") or a.startswith(("hydra.", "hydra/"))]
+    overrides = [a for a in argv if a not in flags]
+    argv = [*flags, *with_default_experiment(app, overrides)]
+    check_argv(argv, app)
+    precheck(app, argv)
+    return argv
+
+
+def resume_requested(argv: list[str]) -> bool:
+    for arg in _overrides(argv):
+        key, _, value = arg.partition("=")
+        if (key == "resume" and value == "auto") or (key == "ckpt_path" and value not in ("", "null", "None")):
+            return True
+    return False
+
+
+def restore_or_none(app: str, argv: list[str]):
+    """The stored config a command-line resume continues (see :mod:`mim_lightning.resume`), or None."""
+    from mim_lightning.resume import restore_run_config
+
+    if _is_multirun(argv) or not resume_requested(argv):
+        return None
+    try:
+        return restore_run_config(app, normalize_overrides(_overrides(argv)), APP_GROUPS[app])
+    except ConfigError as error:
+        fail(str(error), EXIT_CONFIG_ERROR)
+    return None
+
+
+def print_help(app: str) -> None:
+    """``--help``: this app's groups and options, its required keys and a few examples."""
+    module = "train" if app == "pretrain" else "finetune"
+    lines = [f"usage: python -m mim_lightning.{module} [group=option ...] [key=value ...]", ""]
+    if app == "pretrain":
+        lines += ["Self-supervised pretraining. With none of method=, backbone=, data= or experiment= it is the demo",
+                  "(experiment=demo: MAE, vit_micro, 64 px, the embedded photos); any other run gets the method's own",
+                  "defaults (conf/recipe/<method>.yaml), then the experiment, then the command line.", ""]
+    else:
+        lines += ["Finetuning or linear probing of a pretrained encoder (mode=finetune|linear_probe).", ""]
+    lines.append("Config groups (group=option):")
+    for group in APP_GROUPS[app]:
+        options = experiments_for(app) if group == "experiment" else group_options(group)
+        if app == "finetune" and group == "method":
+            options = group_options("finetune/method")
+        lines.append(f"  {group:<11} {', '.join(options)}")
+    lines += ["", "Keys you usually set:"]
+    if app == "pretrain":
+        lines += ["  data.root=PATH          required with data=folder|imagefolder (your images)",
+                  "  run_dir=PATH            the run folder (default outputs/<date>/<time>)",
+                  "  resume=auto             continue the run in run_dir from its newest checkpoint",
+                  "  seed=0, trainer.max_epochs=N, data.batch_size=N, data.image_size=N, mask.ratio=R",
+                  "", "Examples:",
+                  "  python -m mim_lightning.train                                    # the demo",
+                  "  python -m mim_lightning.train method=mae backbone=vit_b data=folder data.root=/data/images",
+                  "  python -m mim_lightning.train experiment=mae_vit_b_in1k data.root=/data/imagenet/train",
+                  "  python -m mim_lightning.train -m mask.ratio=0.4,0.6,0.75          # a sweep"]
+    else:
+        lines += ["  data.root=PATH          required: one sub-folder of images per class",
+                  "  pretrained=PATH         a pretraining checkpoint (.ckpt), an official .pth or an exported encoder",
+                  "  method=M backbone=B     the pretraining method and encoder of those weights",
+                  "  mode=finetune|linear_probe, val_root=PATH, num_classes=N, run_dir=PATH, resume=auto",
+                  "", "Examples:",
+                  "  python -m mim_lightning.finetune method=mae backbone=vit_b pretrained=run/checkpoints/last.ckpt \\",
+                  "      data.root=/data/train val_root=/data/val",
+                  "  python -m mim_lightning.finetune experiment=finetune_mae_vit_b_in1k pretrained=... data.root=..."]
+    lines += ["", "Show the composed config: --cfg job [--resolve]. Hydra's own options: --hydra-help."]
+    print("\n".join(lines))
+
+
+def entry_point(app: str, hydra_main: Callable[[], Any], run: Callable[[Any], Any]) -> None:
+    """The body of ``python -m mim_lightning.train|finetune``.
+
+    ``--help`` prints this app's help; a resume of a stored run continues its stored config without
+    recomposing it (Hydra does not write ``.hydra/`` over the original run's record); everything else goes
+    through Hydra (``hydra_main``), after the arguments were checked.
+    """
+    from mim_lightning import runlog
+
+    argv = sys.argv[1:]
+    if any(a in ("--help", "-h") for a in argv):
+        print_help(app)
+        sys.exit(0)
+    restored = restore_or_none(app, argv)  # the stored run, before any default (the demo) is added
+    if restored is None:
+        argv = prepare_argv(app, argv)
+    else:
+        cfg, notes = restored
+        runlog.attach_run_log(str(cfg.run_dir), APP_LOG[app])
+        for note in notes:
+            runlog.info(note)
+        run_or_exit(run, cfg)
+        return
+    sys.argv = [sys.argv[0], *argv]
+    hydra_main()
 
 
 def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:
@@ -36,7 +182,9 @@ def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:
     try:
         return function(*args)
     except SIGTERMException:
-        print("mim_lightning: stopped by a signal; last.ckpt was written, resume with resume=auto run_dir=<this run>",
+        run_dir = getattr(args[0], "run_dir", None) if args else None
+        where = f"resume=auto run_dir={run_dir}" if run_dir else "resume=auto run_dir=<this run>"
+        print(f"mim_lightning: stopped by a signal; last.ckpt was written, resume with {where}",
               file=sys.stderr, flush=True)
         sys.exit(0)
     except NonFiniteLossError as error:
@@ -46,3 +194,6 @@ def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:
         if error is None:
             raise
         fail(str(error), EXIT_CONFIG_ERROR)
+
+
+__all__ = ["EXIT_CONFIG_ERROR", "EXIT_RUN_FAILED", "GROUPS", "entry_point", "fail", "run_or_exit"]

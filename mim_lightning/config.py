@@ -41,8 +41,23 @@ def _auto_accelerator() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def _pick(key: Any, table: Any, *default: Any) -> Any:
+    """``${mim.pick:${backbone.family},{swin:192,vit:224}}``: the value of ``table`` for ``key``."""
+    if key in table:
+        return table[key]
+    if default:
+        return default[0]
+    raise ConfigError("backbone.family", key, ", ".join(str(k) for k in table), "no value for this family")
+
+
 OmegaConf.register_new_resolver("mim.auto_precision", _auto_precision, replace=True)
 OmegaConf.register_new_resolver("mim.auto_accelerator", _auto_accelerator, replace=True)
+OmegaConf.register_new_resolver("mim.pick", _pick, replace=True)
+
+#: The experiment a pretraining run gets when it chooses none of :data:`RUN_DEFINING_GROUPS`.
+DEMO_EXPERIMENT = "demo"
+#: Choosing any of these groups (or setting ``data.root``) makes a run a real run: no demo values.
+RUN_DEFINING_GROUPS = ("method", "backbone", "data", "experiment")
 
 
 def group_options(group: str) -> list[str]:
@@ -95,12 +110,77 @@ def normalize_overrides(overrides: Iterable[str]) -> list[str]:
     return result
 
 
+def _override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~").strip()
+
+
+def is_demo_run(overrides: Iterable[str]) -> bool:
+    """Whether a pretraining command line is the demo: it chooses none of method, backbone, data or
+    experiment (group choices, ``group.key=...`` values of those groups other than loader settings do not
+    count; ``data.root`` does)."""
+    for override in overrides:
+        key = _override_key(override)
+        if key in RUN_DEFINING_GROUPS or key == "data.root":
+            return False
+    return True
+
+
+def with_default_experiment(config_name: str, overrides: Sequence[str]) -> list[str]:
+    """The overrides with ``experiment=demo`` prepended when a pretraining run is the demo (see
+    :func:`is_demo_run`); every other run keeps the method's own defaults."""
+    overrides = list(overrides)
+    if config_name == "pretrain" and is_demo_run(overrides):
+        return [f"experiment={DEMO_EXPERIMENT}", *overrides]
+    return overrides
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            keys.append(full)
+            try:
+                child = node._get_node(key)
+            except Exception:  # noqa: BLE001
+                continue
+            if isinstance(child, DictConfig):
+                keys.extend(_flat_keys(child, f"{full}."))
+    return keys
+
+
+def _key_error(message: str, config_name: str, overrides: Sequence[str]) -> ConfigError | None:
+    """A one-line error (with "did you mean") for Hydra's "Could not override 'x'" / "Key 'y' is not in struct"."""
+    import difflib
+    import re
+
+    found = re.search(r"Could not (?:override|append to config\.) ?'([^']+)'", message) or \
+        re.search(r"Could not override '([^']+)'", message)
+    if found is None:
+        return None
+    key = found.group(1)
+    value = next((o.partition("=")[2] for o in overrides if _override_key(o) == key), "?")
+    try:
+        keep = [o for o in overrides if _override_key(o) != key]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            base = hydra_compose(config_name=config_name, overrides=keep)
+        candidates = _flat_keys(base)
+    except Exception:  # noqa: BLE001 - the hint is best effort
+        candidates = []
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.75)
+    hint = f"did you mean {' or '.join(close)}?" if close else "see --help or --cfg job for the keys"
+    problem = "no such key"
+    return ConfigError(key, value, f"an existing key ({hint}); add a new key with +{key}=...", problem)
+
+
 def compose(config_name: str = "pretrain", overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides, as the command line would.
 
-    Raises :class:`ConfigError` for an unknown group option.
+    A pretraining compose that chooses none of method, backbone, data or experiment is the demo
+    (:func:`with_default_experiment`), exactly as ``python -m mim_lightning.train`` with the same overrides.
+    Raises :class:`ConfigError` for an unknown group option or key (one line, with a close key when one exists).
     """
-    overrides = normalize_overrides(overrides)
+    overrides = with_default_experiment(config_name, normalize_overrides(overrides))
     check_group_choices(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
@@ -108,6 +188,12 @@ def compose(config_name: str = "pretrain", overrides: Sequence[str] = ()) -> Dic
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=overrides)
     except HydraException as exc:
+        message = " ".join(str(exc).split())
+        if GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().clear()
+        error = _key_error(message, config_name, overrides)
+        if error is not None:
+            raise error from None
         raise ConfigError("overrides", " ".join(overrides), "valid Hydra overrides", str(exc).splitlines()[0]) from None
 
 

@@ -214,8 +214,18 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, str]:
     return meta
 
 
+USAGE = ("usage: python -m mim_lightning.export ckpt=<checkpoint.ckpt> out=<encoder.safetensors>\n\n"
+         "Writes the encoder of a pretraining or finetuning checkpoint: timm-keyed safetensors for ViT and Swin\n"
+         "(load with timm.create_model(..., checkpoint_path=out)), the project's own format for the others\n"
+         "(load with mim_lightning.export.load_exported(out)). The command prints how to load the file.")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = dict(arg.split("=", 1) for arg in (sys.argv[1:] if argv is None else argv) if "=" in arg)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("--help", "-h") for a in argv):
+        print(USAGE)
+        sys.exit(0)
+    args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
     unknown = sorted(set(args) - {"ckpt", "out"})
     if unknown or "ckpt" not in args or "out" not in args:
         fail("usage: python -m mim_lightning.export ckpt=<checkpoint.ckpt> out=<encoder.safetensors>"

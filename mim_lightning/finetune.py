@@ -13,8 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mim_lightning.api import finetune
-from mim_lightning.cli import EXIT_CONFIG_ERROR, check_argv, fail, run_or_exit
-from mim_lightning.config import CONF_DIR, normalize_overrides
+from mim_lightning.cli import EXIT_CONFIG_ERROR, entry_point, fail, run_or_exit
+from mim_lightning.config import CONF_DIR
 
 
 def finetune_methods() -> list[str]:
@@ -38,10 +38,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
-    check_argv(sys.argv[1:])
-    check_method(sys.argv[1:])
-    _hydra_main()
+    if not any(a in ("--help", "-h") for a in sys.argv[1:]):
+        check_method(sys.argv[1:])
+    entry_point("finetune", _hydra_main, finetune)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,13 @@ Composes ``conf/pretrain.yaml``; ``-m`` sweeps (``-m mask.ratio=0.6,0.75,0.9``) 
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mim_lightning.api import pretrain
-from mim_lightning.cli import check_argv, run_or_exit
-from mim_lightning.config import CONF_DIR, normalize_overrides
+from mim_lightning.cli import entry_point, run_or_exit
+from mim_lightning.config import CONF_DIR
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base="1.3")
@@ -23,9 +21,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:])]
-    check_argv(sys.argv[1:])
-    _hydra_main()
+    entry_point("pretrain", _hydra_main, pretrain)
 
 
 if __name__ == "__main__":
