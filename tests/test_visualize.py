@@ -85,8 +85,8 @@ def test_a_small_held_out_split_is_topped_up_from_the_training_set(tmp_path):
     folder = tmp_path / "images"
     write_images(folder, 12)
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(run_dir, "experiment=null", "data=folder", f"data.root={folder}", "data.val_fraction=0.1",
-                               "trainer.max_steps=1")
+    overrides = tiny_overrides(run_dir, "experiment=null", "data=folder", f"data.root={folder}",
+                               "data.val_fraction=0.1", "trainer.max_steps=1")
     trainer = pretrain(compose("pretrain", overrides))
     callback = next(c for c in trainer.callbacks if type(c).__name__ == "ReconstructionImages")
     assert callback.sources == ["val image 0", "train image 0", "train image 1", "train image 2"]
@@ -109,7 +109,8 @@ def test_mixmae_run_writes_three_panel_grids(tmp_path, image_folder):
 
     run_dir = tmp_path / "mix"
     overrides = tiny_overrides(run_dir, "experiment=null", "method=mixmae", "backbone=swin_test", "data.image_size=64",
-                               "data=folder", f"data.root={image_folder}", "data.val_fraction=0.2", "trainer.max_steps=2")
+                               "data=folder", f"data.root={image_folder}", "data.val_fraction=0.2",
+                               "trainer.max_steps=2")
     pretrain(compose("pretrain", overrides))
     png = sorted((run_dir / "reconstructions").glob("*.png"))[-1]
     with Image.open(png) as image:
