@@ -1,4 +1,8 @@
-"""Statistics of mask configurations: the hidden ratio actually applied and SimMIM's AvgDist.
+"""Statistics of mask configurations: the configured and the actually applied hidden ratio, and
+SimMIM's AvgDist.
+
+The two ratios differ when the unit grid is small: SimMIM hides ``ceil(0.6 * units)`` 32px units,
+3 of the 4 units of a 64px image (0.75), and MAE keeps ``int(L * 0.25)`` patches.
 
 AvgDist (Xie et al., SimMIM, 2022, §4.2) is the mean Euclidean distance, in pixels, from each hidden
 pixel to the nearest visible pixel. It summarises how hard a mask configuration (ratio and unit size)
@@ -33,7 +37,8 @@ def avg_dist(mask: np.ndarray, cell: tuple[int, int] = (1, 1)) -> float:
 
 
 def mask_statistics(generator: MaskGenerator, samples: int = 64, seed: int = 0) -> dict[str, float]:
-    """``mask/ratio`` (hidden fraction of patches) and ``mask/avg_dist`` (pixels) of ``samples`` masks."""
+    """Over ``samples`` masks: ``mask/config_ratio`` (the generator's ``ratio``, i.e. ``mask.ratio``),
+    ``mask/applied_ratio`` (mean hidden fraction of the patches) and ``mask/avg_dist`` (pixels)."""
     rng = np.random.default_rng(seed)
     image_h, image_w = generator.input_size
     ratios, dists = [], []
@@ -42,4 +47,5 @@ def mask_statistics(generator: MaskGenerator, samples: int = 64, seed: int = 0) 
         cell = (image_h // mask.shape[0], image_w // mask.shape[1])
         ratios.append(float(mask.mean()))
         dists.append(avg_dist(mask, cell))
-    return {"mask/ratio": float(np.mean(ratios)), "mask/avg_dist": float(np.mean(dists))}
+    return {"mask/config_ratio": float(generator.ratio), "mask/applied_ratio": float(np.mean(ratios)),
+            "mask/avg_dist": float(np.mean(dists))}

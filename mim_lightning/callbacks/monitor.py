@@ -9,12 +9,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from mim_lightning.mask_stats import mask_statistics
+from mim_lightning.masking import MaskGenerator
 
 
 class TrainingMonitor(Callback):
-    """Logs ``perf/images_per_sec`` (all devices, wall clock over the last ``window`` batches),
-    ``mask/ratio`` (hidden fraction of the masks in the batch) and, once at the start, the mask
-    configuration's ``mask/avg_dist`` (SimMIM's AvgDist, pixels) and expected ``mask/config_ratio``.
+    """Logs ``perf/images_per_sec`` (all devices, wall clock over the last ``window`` batches) and
+    ``mask/ratio`` (hidden fraction of the masks in the batch) every step, and once at the start the
+    mask generator's ``mask/config_ratio`` (``mask.ratio`` as configured), ``mask/applied_ratio`` (the
+    fraction its masks actually hide: SimMIM's ``ceil(0.6 * 4)`` of 4 units at 64px is 0.75) and
+    ``mask/avg_dist`` (SimMIM's AvgDist, pixels). The generator is the data's, else the model's own
+    (``model.mask_generator``, SimMIM with ``mask=null``).
     """
 
     def __init__(self, window: int = 20, mask_samples: int = 64) -> None:
@@ -25,10 +29,11 @@ class TrainingMonitor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         generator = getattr(trainer.datamodule, "mask_generator", None) if trainer.datamodule is not None else None
-        if generator is None or not trainer.loggers:
+        if generator is None:
+            generator = getattr(getattr(pl_module, "model", None), "mask_generator", None)
+        if not isinstance(generator, MaskGenerator) or not trainer.loggers:
             return
-        stats = mask_statistics(generator, samples=self.mask_samples)
-        metrics = {"mask/avg_dist": stats["mask/avg_dist"], "mask/config_ratio": stats["mask/ratio"]}
+        metrics = mask_statistics(generator, samples=self.mask_samples)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
