@@ -52,7 +52,8 @@ def test_a_run_writes_checkpoint_metrics_and_reconstructions(tmp_path, image_fol
     pngs = sorted((run_dir / "reconstructions").glob("step_*.png"))
     assert pngs
     with Image.open(pngs[-1]) as grid:
-        assert grid.size == (4 * (32 + 2), 2 * (32 + 2))  # 4 panels per row, one row per val image
+        width, height = grid.size  # 4 panels per row, 4 images (val, then train) at 128 px, under a title band
+        assert width == 4 * (128 + 2) and height > 4 * (128 + 2)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["hyper_parameters"]["config"]["backbone"]["name"] == "vit_test"
 
