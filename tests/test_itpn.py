@@ -437,6 +437,24 @@ def test_the_pixel_configs_switch_the_official_resampling_on():
     assert isinstance(model, ITPNPixel) and not model.encoder.official_pos_resample
 
 
+def test_clip_experiment_uses_the_official_normalization_and_scaling():
+    cfg = compose("pretrain", ["experiment=itpn_clip_b_in1k", "data.root=/tmp/x"])
+    assert list(cfg.data.mean) == list(cfg.data.std) == [0.5, 0.5, 0.5]
+    assert list(cfg.method.model.data_mean) == list(cfg.method.model.data_std) == [0.5, 0.5, 0.5]
+    assert cfg.method.model.teacher.official_scaling is True
+    finetune = compose("finetune", ["experiment=finetune_itpn_clip_b_in1k", "data.root=/tmp/x"])
+    assert list(finetune.data.mean) == list(finetune.data.std) == [0.5, 0.5, 0.5]
+    # the method defaults keep ImageNet statistics and the plain CLIP normalization of the teacher
+    default = compose("pretrain", ["method=itpn_clip"])
+    assert list(default.data.mean) == [0.485, 0.456, 0.406] and default.method.model.teacher.official_scaling is False
+    # and with that recipe the teacher sees the official input: ((x + 1) / 2 - CLIP mean) / CLIP std of the [0, 1] image
+    model = tiny_clip(teacher=dict(official_scaling=True), data_mean=(0.5, 0.5, 0.5), data_std=(0.5, 0.5, 0.5))
+    pixels = torch.rand(2, 3, 64, 64)
+    teacher = model.teacher
+    torch.testing.assert_close(teacher.prepare((pixels - 0.5) / 0.5),
+                               ((pixels + 1) / 2 - teacher.clip_mean) / teacher.clip_std)
+
+
 # --------------------------------------------------------------------------- learning
 def overfit(model, images, mask, steps, lr):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
