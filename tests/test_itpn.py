@@ -6,13 +6,14 @@ import subprocess
 import sys
 import warnings
 
+import hydra
 import numpy as np
 import pytest
 import torch
 
 from mim_lightning import compose, pretrain
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import BlockMask, RandomMask
+from mim_lightning.masking import BlockMask, RandomMask, to_pair
 from mim_lightning.models.backbones.hivit import HiViT, PatchMerge, hivit_from_spec
 from mim_lightning.models.itpn import ITPNPixel
 from mim_lightning.models.itpn_clip import ITPNClip
@@ -351,6 +352,107 @@ def test_masks_on_the_wrong_grid_or_with_uneven_counts_are_rejected():
         tiny_pixel()(torch.randn(2, 3, 64, 64), mask)
     with pytest.raises(ConfigError, match=r"mask=\(2, 2, 2\)"):
         tiny_clip()(torch.randn(2, 3, 64, 64), torch.zeros(2, 2, 2, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- official position-embedding resampling
+def resampled_by_hand(table, grid):
+    """The official interpolate_pos_encoding written out here: the (1, N, C) table as a (1, C, gh, gw) image,
+    bicubic F.interpolate with scale_factor (g + 0.1) / g per axis, back to (1, N, C)."""
+    gh, gw = grid
+    image = table.detach().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+    out = torch.nn.functional.interpolate(image, scale_factor=((gh + 0.1) / gh, (gw + 0.1) / gw), mode="bicubic")
+    assert out.shape[-2:] == (gh, gw)
+    return out.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+
+
+@pytest.mark.parametrize("size", [64, (64, 96)], ids=["square", "rectangular"])
+def test_official_pos_resample_gives_the_loss_of_the_resampled_table(size):
+    model = tiny_pixel(img_size=size).eval()
+    assert model.encoder.official_pos_resample  # the default, as conf/method/itpn.yaml
+    grid = model.grid
+    change = (resampled_by_hand(model.encoder.absolute_pos_embed, grid) - model.encoder.absolute_pos_embed).abs().amax()
+    assert 0 < change < 0.5  # a small shift of the sin-cos init (0.10 at iTPN-B/224)
+    # fixed weights far from init (at init the tiny decoder barely uses the encoder: the loss would move by ~1e-7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=0.3)
+        model.encoder.absolute_pos_embed.normal_(std=2.0)  # a rough table, whose resampling moves a lot
+    images = torch.randn(2, 3, *to_pair(size))
+    mask = unit_masks(RandomMask(size, 16, 0.75), 2)
+    with torch.no_grad():
+        out = model(images, mask)
+        # the same weights with the switch off, but the hand-resampled table stored
+        reference = tiny_pixel(img_size=size, official_pos_resample=False).eval()
+        reference.load_state_dict(model.state_dict())
+        raw = reference(images, mask)
+        reference.encoder.absolute_pos_embed.copy_(resampled_by_hand(model.encoder.absolute_pos_embed, grid))
+        torch.testing.assert_close(reference(images, mask).loss, out.loss, rtol=1e-7, atol=0)
+    # and the resampling does change the loss, well beyond fp32 noise
+    assert (raw.loss - out.loss).abs() > 1e-5 * out.loss
+
+
+def test_official_pos_resample_keeps_the_stored_table_when_all_units_are_present():
+    encoder = hivit_from_spec(TINY, 64, official_pos_resample=True).eval()
+    plain = hivit_from_spec(TINY, 64).eval()
+    plain.load_state_dict(encoder.state_dict())
+    table = encoder.absolute_pos_embed
+    everything = torch.arange(16).repeat(2, 1)
+    assert encoder.pos_embed() is table  # no keep_ids: finetuning, iTPN-CLIP, export
+    torch.testing.assert_close(encoder.pos_embed(everything), table.expand(2, -1, -1), rtol=0, atol=0)
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(encoder(images, everything), plain(images, everything), rtol=0, atol=0)
+    torch.testing.assert_close(encoder(images), plain(images), rtol=0, atol=0)
+    # while with units dropped the kept ones get rows of the resampled table
+    keep = torch.tensor([[0, 5, 9, 15], [1, 2, 3, 4]])
+    expected = resampled_by_hand(table, (4, 4))[0][keep]
+    torch.testing.assert_close(encoder.pos_embed(keep), expected)
+    assert not torch.allclose(plain.pos_embed(keep), expected)
+
+
+def test_official_pos_resample_runs_in_fp32_under_bf16_and_passes_the_gradient():
+    encoder = hivit_from_spec(TINY, 64, official_pos_resample=True)
+    keep = torch.tensor([[0, 5, 9, 15]])
+    exact = encoder.pos_embed(keep)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = encoder.pos_embed(keep)
+        tokens = encoder(torch.randn(1, 3, 64, 64), keep)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact, rtol=0, atol=0)
+    assert torch.isfinite(tokens).all()
+    exact.sum().backward()
+    assert encoder.absolute_pos_embed.grad is not None and encoder.absolute_pos_embed.grad.abs().sum() > 0
+    half = hivit_from_spec(TINY, 64, official_pos_resample=True).to(torch.bfloat16)
+    assert half.pos_embed(keep).dtype == torch.bfloat16  # cast back to the table's dtype (bf16-true runs)
+    with pytest.raises(ConfigError, match=r"method.model.official_pos_resample='yes'"):
+        tiny_pixel(official_pos_resample="yes")
+
+
+def test_the_pixel_configs_switch_the_official_resampling_on():
+    for overrides in (["method=itpn"], ["experiment=itpn_b_in1k", "data.root=/tmp/x"]):
+        cfg = compose("pretrain", overrides)
+        assert cfg.method.model.official_pos_resample is True, overrides
+    cfg = compose("pretrain", ["method=itpn", "backbone=hivit_test", "data.image_size=64",
+                               "method.model.official_pos_resample=false"])
+    model = hydra.utils.instantiate(cfg.method.model)
+    assert isinstance(model, ITPNPixel) and not model.encoder.official_pos_resample
+
+
+def test_clip_experiment_uses_the_official_normalization_and_scaling():
+    cfg = compose("pretrain", ["experiment=itpn_clip_b_in1k", "data.root=/tmp/x"])
+    assert list(cfg.data.mean) == list(cfg.data.std) == [0.5, 0.5, 0.5]
+    assert list(cfg.method.model.data_mean) == list(cfg.method.model.data_std) == [0.5, 0.5, 0.5]
+    assert cfg.method.model.teacher.official_scaling is True
+    finetune = compose("finetune", ["experiment=finetune_itpn_clip_b_in1k", "data.root=/tmp/x"])
+    assert list(finetune.data.mean) == list(finetune.data.std) == [0.5, 0.5, 0.5]
+    # the method defaults keep ImageNet statistics and the plain CLIP normalization of the teacher
+    default = compose("pretrain", ["method=itpn_clip"])
+    assert list(default.data.mean) == [0.485, 0.456, 0.406] and default.method.model.teacher.official_scaling is False
+    # and with that recipe the teacher sees the official input: ((x + 1) / 2 - CLIP mean) / CLIP std of the [0, 1] image
+    model = tiny_clip(teacher=dict(official_scaling=True), data_mean=(0.5, 0.5, 0.5), data_std=(0.5, 0.5, 0.5))
+    pixels = torch.rand(2, 3, 64, 64)
+    teacher = model.teacher
+    torch.testing.assert_close(teacher.prepare((pixels - 0.5) / 0.5),
+                               ((pixels + 1) / 2 - teacher.clip_mean) / teacher.clip_std)
 
 
 # --------------------------------------------------------------------------- learning

@@ -26,7 +26,9 @@ Classifiers (plain ``nn.Module``, timm models where timm has one):
 - ``hivit_avg`` (iTPN): HiViT with relative-position tables (zeros at init: not in pixel checkpoints; iTPN-CLIP
   checkpoints have them), mean over unit tokens, ``fc_norm``, head; the layer decay is rescaled to
   ``decay ** (13 / num_layers)`` as iTPN does. ``layer_scale_init`` (iTPN-CLIP: 0.1) adds the ``gamma`` weights the
-  CLIP encoder was pretrained with (``run_itpn_finetuning.py --layer_scale_init_value``).
+  CLIP encoder was pretrained with (``run_itpn_finetuning.py --layer_scale_init_value``). The main stage adds the
+  stored ``absolute_pos_embed`` (all units present, as the official finetuning): an iTPN-pixel encoder pretrained
+  with ``official_pos_resample`` (official checkpoints too) saw a bicubically resampled copy of it instead.
 
 Linear probing (``mode=linear_probe``) puts ``BatchNorm1d(D, affine=False, eps=1e-6)`` before the linear head
 and freezes everything else (``mae:main_linprobe.py``). The feature (``finetune.linear_probe.feature``): ``cls``

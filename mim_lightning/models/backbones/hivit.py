@@ -26,6 +26,18 @@ Differences from the official code (same function, different kernels):
   float mask) instead of an explicit fp32 softmax.
 - Rectangular unit grids are allowed (the official asserts a square grid); the RPE index generalises
   as Swin's does.
+- Position embedding when units are dropped. The official ``interpolate_pos_encoding`` (DINO's
+  resolution interpolation) returns ``absolute_pos_embed`` unchanged only when the main stage holds all
+  ``N`` units; with the kept units of masked pretraining (49 of 196) it always resamples the table with
+  ``F.interpolate(scale_factor=(g + 0.1) / g, mode="bicubic")``, g = 14: the output is again g x g, but
+  the sampling points move by up to ~0.1 unit, so the main stage sees a smoothed and shifted copy of the
+  stored table (max change 0.10 on the sin-cos init, whose values are in [-1, 1]; 1.7 % in norm).
+  ``official_pos_resample=True`` reproduces this (:func:`official_resampled_pos_embed`; on for
+  iTPN-pixel pretraining, so that losses equal the official ones on the same weights); ``False`` adds
+  the stored table, which then is the very table that finetuning, the exported encoder and any run on
+  all units add (the official code, too, adds the raw table whenever all units are present). The
+  resampling is computed in fp32 outside autocast (the official runs it on the fp32 parameter, which
+  autocast leaves in fp32) and cast back to the table's dtype.
 """
 
 from __future__ import annotations
@@ -66,6 +78,24 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
     coords = torch.stack(torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
     return (rel[..., 0] + gh - 1) * (2 * gw - 1) + (rel[..., 1] + gw - 1)
+
+
+def official_resampled_pos_embed(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The official ``interpolate_pos_encoding`` on a (1, gh*gw, C) table stored on its own ``grid``:
+    bicubic ``F.interpolate`` with ``scale_factor = ((gh + 0.1) / gh, (gw + 0.1) / gw)`` (the official
+    ``(h + 0.1) / sqrt(N)`` per axis, which is the same for the square grids it supports), so that
+    the output is gh x gw again but sampled at slightly shifted points. Differentiable (the parameter
+    gets the gradient through the resampling, as officially); computed in fp32 (fp64 for an fp64
+    table) with autocast off and returned in ``table.dtype``."""
+    gh, gw = grid
+    dim = table.shape[-1]
+    work = torch.promote_types(table.dtype, torch.float32)
+    with torch.autocast(device_type=table.device.type, enabled=False):
+        x = table.to(work).reshape(1, gh, gw, dim).permute(0, 3, 1, 2)
+        x = F.interpolate(x, scale_factor=((gh + 0.1) / gh, (gw + 0.1) / gw), mode="bicubic", align_corners=False)
+    # floor(g * (g + 0.1) / g) == g for every g >= 1, so the shape always comes back
+    assert tuple(x.shape[-2:]) == (gh, gw), (tuple(x.shape), grid)
+    return x.permute(0, 2, 3, 1).reshape(1, gh * gw, dim).to(table.dtype)
 
 
 class Attention(nn.Module):
@@ -175,6 +205,10 @@ class HiViT(nn.Module):
         ape_init: ``sincos`` (iTPN-pixel: learnable, sin-cos initialised) or ``trunc_normal``
             (iTPN-CLIP's ``modeling_pretrain.py``: learnable, trunc-normal std 0.02).
         layer_scale_init: ``gamma`` init of every stem and main block (CLIP variant: 0.1), or None.
+        official_pos_resample: when fewer than all units enter the main stage (``keep_ids`` with K < N),
+            add :func:`official_resampled_pos_embed` of the table instead of the stored table, as the
+            official ``interpolate_pos_encoding`` does (see the module docstring). With all units
+            (finetuning, iTPN-CLIP, export, ``keep_ids=None``) the stored table is added either way.
 
     Shapes: :meth:`forward_stem` (B, 3, H, W) -> (B, K, C) plus the two stem features saved before
     each merge, (B, K, 4, 4, C/4) and (B, K, 2, 2, C/2) (K = kept units, N without ``keep_ids``);
@@ -184,7 +218,8 @@ class HiViT(nn.Module):
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int = 16, embed_dim: int = 512,
                  mlp_depth: Sequence[int] = (3, 3), depth: int = 24, num_heads: int = 8, bridge_mlp_ratio: float = 3.0,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
-                 rpe: bool = False, ape_init: str = "sincos", layer_scale_init: float | None = None, in_chans: int = 3) -> None:
+                 rpe: bool = False, ape_init: str = "sincos", layer_scale_init: float | None = None, in_chans: int = 3,
+                 official_pos_resample: bool = False) -> None:
         super().__init__()
         if ape_init not in APE_INITS:
             raise ConfigError("method.model.ape_init", ape_init, ", ".join(APE_INITS))
@@ -198,6 +233,9 @@ class HiViT(nn.Module):
         self.num_units = self.grid[0] * self.grid[1]
         self.ape_init = ape_init
         self.rpe = bool(rpe)
+        if not isinstance(official_pos_resample, bool):
+            raise ConfigError("method.model.official_pos_resample", official_pos_resample, "true or false")
+        self.official_pos_resample = official_pos_resample
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, self.dims[0], norm_eps)
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.num_units, embed_dim))
@@ -248,10 +286,14 @@ class HiViT(nn.Module):
         return x[:, :, 0, 0], features
 
     def pos_embed(self, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(1, N, C), or (B, K, C) gathered for ``keep_ids``."""
+        """(1, N, C), or (B, K, C) gathered for ``keep_ids``. With ``official_pos_resample`` and K < N
+        the gathered rows come from the resampled table (a shape test: no device sync)."""
         if keep_ids is None:
             return self.absolute_pos_embed
-        table = self.absolute_pos_embed.expand(keep_ids.shape[0], -1, -1)
+        table = self.absolute_pos_embed
+        if self.official_pos_resample and keep_ids.shape[1] < self.num_units:
+            table = official_resampled_pos_embed(table, self.grid)
+        table = table.expand(keep_ids.shape[0], -1, -1)
         return torch.gather(table, 1, keep_ids[:, :, None].expand(-1, -1, self.embed_dim))
 
     def rpe_index(self, keep_ids: torch.Tensor | None = None) -> torch.Tensor | None:
