@@ -58,7 +58,8 @@ def test_retention_keeps_last_and_the_newest_k_snapshots(tmp_path, folder, overr
     assert last_checkpoint(run_dir / "checkpoints").name == "last.ckpt"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
     for number in kept:
-        assert torch.load(run_dir / "checkpoints" / f"step{number:08d}.ckpt", weights_only=False)["global_step"] == number
+        saved = torch.load(run_dir / "checkpoints" / f"step{number:08d}.ckpt", weights_only=False)
+        assert saved["global_step"] == number
 
 
 def test_a_resumed_run_prunes_the_snapshots_of_the_interrupted_one(tmp_path, folder):
