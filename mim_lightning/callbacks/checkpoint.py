@@ -121,15 +121,16 @@ class RunCheckpoint(ModelCheckpoint):
         return rf"^{regex}({re.escape(self.CHECKPOINT_JOIN_CHAR)}v\d+)?{re.escape(self.FILE_EXTENSION)}$"
 
     def _prune(self, trainer: pl.Trainer) -> None:
-        newest = Path(self._last_checkpoint_saved).absolute() if self._last_checkpoint_saved else None
+        newest = Path(self._last_checkpoint_saved).resolve() if self._last_checkpoint_saved else None
         if newest is None or not newest.exists():
             return  # delete nothing until the new snapshot is complete on disk
-        keep = {newest, Path(self.last_model_path).absolute() if self.last_model_path else None}
-        if trainer.ckpt_path:
-            keep.add(Path(trainer.ckpt_path).absolute())
-        others = [path for path in self.snapshots() if path.absolute() != newest]
+        keep = {newest}
+        for path in (self.last_model_path, trainer.ckpt_path):  # ckpt_path: the run resumed from it
+            if path:
+                keep.add(Path(path).resolve())
+        others = [path for path in self.snapshots() if path.resolve() != newest]
         for path in others[self.keep_last_k - 1:]:
-            if path.absolute() not in keep:
+            if path.resolve() not in keep:
                 trainer.strategy.remove_checkpoint(path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
