@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+#: Temporary files of an unfinished save: ``.<final name>.<8 random characters>.tmp`` (the same form
+#: ``tempfile.mkstemp`` gave earlier versions, so their leftovers match too).
+TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Save to a temporary file in the target folder, fsync, then ``os.replace`` onto the final name.
 
     ``os.replace`` is atomic on POSIX and Windows within one file system, so readers see either the
-    old complete checkpoint or the new complete one.
+    old complete checkpoint or the new complete one. Files and folders get the permissions of a plain
+    ``open()`` / ``mkdir``: ``0o666`` / ``0o777`` less the umask (``0o644`` / ``0o755`` with umask 022).
+    A save killed before the rename leaves a ``TEMP_PATTERN`` file, which :func:`remove_temp_files`
+    deletes at the next run's start.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
@@ -23,7 +31,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        handle, tmp_name = _create_temp(target)
         try:
             with os.fdopen(handle, "wb") as stream:
                 torch.save(checkpoint, stream)
@@ -33,6 +41,51 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
+        _fsync_folder(target.parent)  # the rename itself survives a power loss
+
+
+def _create_temp(target: Path) -> tuple[int, str]:
+    """A new ``TEMP_PATTERN`` file beside ``target``, opened for writing with mode ``0o666`` less the umask
+    (``tempfile.mkstemp`` would force ``0o600``)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        name = str(target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[tuple[Path, int]]:
+    """Delete the temporary files that interrupted saves left in ``folder`` (only names matching
+    ``TEMP_PATTERN``); returns each deleted path with its size in bytes. Call it before the run's first save."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if not TEMP_PATTERN.match(path.name) or path.is_symlink() or not path.is_file():
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append((path, size))
+    return removed
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:

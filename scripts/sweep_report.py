@@ -13,6 +13,15 @@ that differ between jobs, the method, backbone, mask type, ``mask.ratio``, ``mas
 metrics; the plot has one row per metric and one column per x-axis (mask ratio, mask unit, AvgDist),
 one line per value of the other swept keys.
 
+Each job also gets a ``status`` and a ``reason``: ``ok``; ``failed`` (an exception or error line in the
+job's ``*.log`` or its submitit ``<job id>_<task>_log.err/.out``, no usable checkpoint although the config
+has a checkpoint callback, metrics logged after the newest ``last.ckpt``, i.e. a crash or kill without the
+final save, or no metrics at all); ``unfinished`` (stopped by a signal, or the newest checkpoint or the
+metrics end before the config's ``trainer.max_steps`` / ``trainer.max_epochs``: interrupted, still running,
+or stopped early). A job whose newest checkpoint is at the planned end stays ``ok`` despite an error in
+its logs (a failure after training, or an earlier attempt of a resumed job); the reason names the error.
+Only ``ok`` jobs are plotted; a line on stderr names the others.
+
 Exit status 2 with a one-line message when the folder holds no job.
 """
 
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +48,17 @@ METRICS = (
 #: The x-axes of the plot: (column, axis label).
 X_AXES = (("mask.ratio", "mask ratio"), ("mask.unit", "mask unit (px)"), ("mask/avg_dist", "AvgDist (px)"))
 IGNORED_OVERRIDES = ("run_dir", "hydra.", "ckpt_path", "resume")
+#: How much of the end of each log file is searched for errors.
+LOG_TAIL_BYTES = 2 * 2**20
+#: Error lines in a job's logs: (pattern, status); the first group is the reason.
+LOG_ERRORS = (
+    (re.compile(r"^mim_lightning: error: (.+)$"), "failed"),
+    (re.compile(r"^mim_lightning: (stopped by a signal)"), "unfinished"),
+    (re.compile(r"^slurmstepd: error: \*+ (.+?) \*+\s*$"), "failed"),
+    (re.compile(r"^.*(Detected KeyboardInterrupt)"), "unfinished"),
+)
+_TRACEBACK = "Traceback (most recent call last):"
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Failure)\b.*)$")
 
 
 class ReportError(Exception):
@@ -58,7 +79,7 @@ def _job_sort_key(path: Path) -> tuple:
 
 def read_metrics(path: Path) -> dict[str, float]:
     """Last non-empty value of every metric in a Lightning ``metrics.csv`` (first for ``mask/avg_dist``),
-    plus ``step`` (the largest logged step)."""
+    plus ``step`` and ``epoch`` (the largest logged)."""
     values: dict[str, float] = {}
     if not path.is_file():
         return values
@@ -71,8 +92,8 @@ def read_metrics(path: Path) -> dict[str, float]:
                     value = float(text)
                 except ValueError:
                     continue
-                if key == "step":
-                    values["step"] = max(values.get("step", value), value)
+                if key in ("step", "epoch"):
+                    values[key] = max(values.get(key, value), value)
                 elif key == "mask/avg_dist":
                     values.setdefault(key, value)
                 else:
@@ -117,7 +138,156 @@ def _avg_dist_from_config(mask: dict | None) -> float | None:
         return None
 
 
+def _tail_lines(path: Path) -> list[str]:
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, 2)
+            handle.seek(max(0, size - LOG_TAIL_BYTES))
+            return handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def job_logs(job: Path, root: Path) -> list[Path]:
+    """The job's own ``*.log`` files (Hydra's ``train.log`` / ``finetune.log``) and, under a submitit
+    launcher, its ``<root>/.submitit/**/<job id>_<task>_log.{err,out}`` files."""
+    logs = sorted(path for path in job.glob("*.log") if path.is_file())
+    hydra = job / ".hydra" / "hydra.yaml"
+    job_id = None
+    if hydra.is_file():
+        try:
+            job_id = ((yaml.safe_load(hydra.read_text()) or {}).get("hydra", {}).get("job", {}) or {}).get("id")
+        except yaml.YAMLError:
+            job_id = None
+    submitit = root / ".submitit"
+    if job_id not in (None, "") and submitit.is_dir():
+        name = re.compile(rf"^{re.escape(str(job_id))}_\d+_log\.(err|out)$")
+        logs += sorted(path for path in submitit.rglob("*_log.*") if name.match(path.name) and path.is_file())
+    return logs
+
+
+def log_error(paths: Sequence[Path]) -> tuple[str, str] | None:
+    """``(status, reason)`` of the last error in the logs: a traceback's exception line, a mim_lightning
+    error line, a SLURM cancellation, a stop by a signal; None when the logs show none."""
+    found = None
+    for path in paths:
+        lines = _tail_lines(path)
+        for i, line in enumerate(lines):
+            text = line.rstrip()
+            if text.startswith(_TRACEBACK):
+                # the exception is the first unindented line after the traceback's frames
+                for after in lines[i + 1:]:
+                    if after and not after[0].isspace():
+                        match = _EXCEPTION_LINE.match(after.rstrip())
+                        if match:
+                            found = ("failed", match.group(1))
+                        break
+                continue
+            for pattern, status in LOG_ERRORS:
+                match = pattern.match(text)
+                if match:
+                    found = (status, match.group(1))
+                    break
+        if found:
+            reason = found[1] if len(found[1]) <= 200 else found[1][:197] + "..."
+            return found[0], f"{reason} ({path.name})"
+    return None
+
+
+def checkpoint_folder(job: Path, config: dict) -> Path | None:
+    """The job's checkpoint folder: ``callbacks.checkpoint.dirpath`` if it exists, else ``<job>/checkpoints``."""
+    node = (config.get("callbacks") or {}).get("checkpoint") if isinstance(config.get("callbacks"), dict) else None
+    for folder in ([Path(str(node["dirpath"]))] if isinstance(node, dict) and node.get("dirpath") else []) + [
+            job / "checkpoints"]:
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def newest_checkpoint(folder: Path | None) -> tuple[Path, dict] | None:
+    """The newest loadable checkpoint in ``folder`` (by modification time, ``last.ckpt`` first on ties)
+    with its non-tensor content (tensors are memory-mapped, not read), or None."""
+    if folder is None:
+        return None
+    import torch
+
+    candidates = [p for p in folder.glob("*.ckpt") if not p.name.startswith(".")]
+    for path in sorted(candidates, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True):
+        source = path / "meta.pt" if path.is_dir() else path  # a sharded (FSDP) checkpoint folder
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=False, mmap=not path.is_dir())
+        except Exception:  # noqa: BLE001 - a damaged file: try the next one
+            continue
+        if isinstance(state, dict) and "global_step" in state:
+            return path, state
+    return None
+
+
+def _positive(value: Any) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None and number > 0 else None
+
+
+def _plan(trainer: dict) -> tuple[int | None, int | None, str]:
+    max_steps, max_epochs = _positive(trainer.get("max_steps")), _positive(trainer.get("max_epochs"))
+    text = " / ".join(part for part in (max_steps and f"max_steps={max_steps}",
+                                        max_epochs and f"max_epochs={max_epochs}") if part)
+    return max_steps, max_epochs, text
+
+
+def checkpoint_progress(found: tuple[Path, dict], trainer: dict) -> tuple[bool | None, str]:
+    """Whether the checkpoint is at the planned end of training (None when the config plans no end), and
+    where it is."""
+    path, state = found
+    max_steps, max_epochs, plan = _plan(trainer)
+    step, epoch = int(state["global_step"]), int(state.get("epoch", 0))
+    batches = ((state.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {}
+    epochs_done = epoch + 1 if batches.get("is_last_batch") else epoch
+    where = f"checkpoint {path.name} at step {step}, {epochs_done} epoch(s) done; {plan}"
+    if not plan:
+        return None, where
+    done = (max_steps is not None and step >= max_steps) or (max_epochs is not None and epochs_done >= max_epochs)
+    return done, where
+
+
+def job_status(job: Path, root: Path, config: dict, metrics: dict[str, float]) -> tuple[str, str]:
+    """``(status, reason)`` of a job: ``ok``, ``failed`` or ``unfinished`` (see the module docstring).
+
+    An error in the logs of a job whose newest checkpoint is at the planned end (a failure after training,
+    or an earlier attempt of a resumed job) leaves it ``ok``, with the error as the reason."""
+    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+    callbacks = config.get("callbacks") if isinstance(config.get("callbacks"), dict) else {}
+    found = newest_checkpoint(checkpoint_folder(job, config))
+    done, where = checkpoint_progress(found, trainer) if found is not None else (None, "")
+    logged = int(metrics.get("step", -1))
+    after_last = found is not None and found[0].name.startswith("last") and logged > found[1]["global_step"]
+    error = log_error(job_logs(job, root))
+    if error:
+        return ("ok", f"finished; the logs also show: {error[1]}") if done and not after_last else error
+    if isinstance(callbacks.get("checkpoint"), dict) and found is None:
+        return "failed", "no checkpoint"
+    logger = config.get("logger", "csv")
+    if (logger == "csv" or (isinstance(logger, dict) and "csv" in logger)) and "step" not in metrics:
+        return "failed", "no metrics logged"
+    if after_last:  # the final save of a run that ends (RunCheckpoint.on_train_end) never happened
+        return "failed", (f"metrics go on to step {logged} after the last checkpoint (step "
+                          f"{found[1]['global_step']}): crashed or killed (or still running)")
+    if done is False:
+        return "unfinished", where
+    max_steps, max_epochs, plan = _plan(trainer)
+    if found is None and plan and "step" in metrics:
+        # only the logged progress can say (step logs carry the step before the update; a partly
+        # trained last epoch cannot be told from a complete one)
+        every = _positive(trainer.get("log_every_n_steps")) or 50
+        last_epoch = int(metrics.get("epoch", 0))
+        if not ((max_steps is not None and logged + every >= max_steps)
+                or (max_epochs is not None and last_epoch + 1 >= max_epochs)):
+            return "unfinished", f"metrics end at step {logged} in epoch {last_epoch + 1}; {plan}"
+    return "ok", ""
+
+
 def job_row(job: Path, root: Path, overrides: dict[str, str]) -> dict[str, Any]:
+    """The table row of one job: its swept overrides, settings, last metrics, status and reason."""
     config = yaml.safe_load((job / "config.yaml").read_text()) or {}
     method = config.get("method") or {}
     mask = config.get("mask")
@@ -138,7 +308,7 @@ def job_row(job: Path, root: Path, overrides: dict[str, str]) -> dict[str, Any]:
     })
     for column, key, _ in METRICS:
         row[column] = metrics.get(key)
-    row["status"] = "ok" if "train/loss" in metrics else "no metrics"
+    row["status"], row["reason"] = job_status(job, root, config, metrics)
     return row
 
 
@@ -180,7 +350,10 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 def write_markdown(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     columns = _columns(rows)
-    lines = [f"# Sweep report: {title}", "", f"{len(rows)} runs.", "",
+    counts = {status: sum(row.get("status") == status for row in rows) for status in ("failed", "unfinished")}
+    summary = f"{len(rows)} runs" + "".join(f", {n} {status}" for status, n in counts.items() if n)
+    summary += " (left out of the plot)." if any(counts.values()) else "."
+    lines = [f"# Sweep report: {title}", "", summary, "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in columns) + " |" for row in rows]
     path.write_text("\n".join(lines) + "\n")
@@ -200,46 +373,70 @@ def _sortable(value: Any) -> tuple[float, str]:
     return (number if number is not None else math.inf, _cell(value))
 
 
-def write_plot(rows: Sequence[dict[str, Any]], swept: Sequence[str], path: Path, title: str) -> list[str]:
-    """The metric x axis grid as a PNG (one line per combination of the other ``swept`` keys); returns the
-    metrics plotted (the rows of the grid)."""
-    import matplotlib
+def plotted(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that go into the plot: the ``ok`` jobs (a failed or unfinished job would bend the curves)."""
+    return [row for row in rows if row.get("status", "ok") == "ok"]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    metrics = [c for c, _, _ in METRICS if any(_number(row.get(c)) is not None for row in rows)]
-    if not metrics:
-        metrics = ["train/loss"]
-    figure, axes = plt.subplots(len(metrics), len(X_AXES), figsize=(4.2 * len(X_AXES), 3.2 * len(metrics)),
-                                squeeze=False)
-    for i, metric in enumerate(metrics):
-        for j, (x_key, x_label) in enumerate(X_AXES):
-            axis = axes[i][j]
+def plot_series(rows: Sequence[dict[str, Any]], swept: Sequence[str]) -> tuple[list[str], dict]:
+    """The plot's data: the metrics plotted (rows of the grid) and, per ``(metric, x key)`` panel, the
+    points ``(x, y, note, job)`` of each line, keyed by the values of the other ``swept`` keys. Only
+    :func:`plotted` rows."""
+    rows = plotted(rows)
+    metrics = [c for c, _, _ in METRICS if any(_number(row.get(c)) is not None for row in rows)] or ["train/loss"]
+    panels: dict[tuple[str, str], dict[tuple, list[tuple[float, float, str, str]]]] = {}
+    for metric in metrics:
+        for x_key, _ in X_AXES:
             # one line per combination of the swept keys that do not set this x axis
-            exclude = (x_key,) if x_key != "mask/avg_dist" else ("mask.ratio", "mask.unit")
-            group_keys = [key for key in swept if key not in exclude]
-            groups: dict[tuple, list[tuple[float, float, str]]] = {}
+            group_keys = _group_keys(swept, x_key)
+            groups = panels.setdefault((metric, x_key), {})
             for row in rows:
                 x, y = _number(row.get(x_key)), _number(row.get(metric))
                 if x is None or y is None:
                     continue
                 note = f"r={_cell(row.get('mask.ratio'))} u={_cell(row.get('mask.unit'))}"
-                groups.setdefault(tuple(_sortable(row.get(k)) for k in group_keys), []).append((x, y, note))
+                groups.setdefault(tuple(_sortable(row.get(k)) for k in group_keys), []).append(
+                    (x, y, note, str(row.get("job"))))
+    return metrics, panels
+
+
+def _group_keys(swept: Sequence[str], x_key: str) -> list[str]:
+    exclude = (x_key,) if x_key != "mask/avg_dist" else ("mask.ratio", "mask.unit")
+    return [key for key in swept if key not in exclude]
+
+
+def write_plot(rows: Sequence[dict[str, Any]], swept: Sequence[str], path: Path, title: str) -> list[str]:
+    """The metric x axis grid of the ``ok`` jobs as a PNG (one line per combination of the other ``swept``
+    keys); returns the metrics plotted (the rows of the grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics, panels = plot_series(rows, swept)
+    figure, axes = plt.subplots(len(metrics), len(X_AXES), figsize=(4.2 * len(X_AXES), 3.2 * len(metrics)),
+                                squeeze=False)
+    for i, metric in enumerate(metrics):
+        for j, (x_key, x_label) in enumerate(X_AXES):
+            axis = axes[i][j]
+            group_keys = _group_keys(swept, x_key)
+            groups = panels[(metric, x_key)]
             for values, points in sorted(groups.items()):
                 points.sort()
                 label = ", ".join(f"{k}={v[1]}" for k, v in zip(group_keys, values)) or "runs"
                 style = "o" if x_key == "mask/avg_dist" else "o-"
                 axis.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
                 if x_key == "mask/avg_dist":  # which mask each point is
-                    for x, y, note in points:
+                    for x, y, note, _ in points:
                         axis.annotate(note, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
             axis.set_xlabel(x_label)
             axis.set_ylabel(metric)
             axis.grid(alpha=0.3)
             if groups and (len(groups) > 1 or group_keys):
                 axis.legend(fontsize=7)
-    figure.suptitle(f"{title} ({len(rows)} runs)")
+    shown = len(plotted(rows))
+    left_out = f"; {len(rows) - shown} failed or unfinished left out" if shown < len(rows) else ""
+    figure.suptitle(f"{title} ({shown} runs{left_out})")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -257,6 +454,9 @@ def report(root: str | Path, out: str | Path | None = None) -> dict[str, Path]:
     write_csv(rows, paths["csv"])
     write_markdown(rows, paths["md"], str(root))
     write_plot(rows, swept, paths["png"], root.name or str(root))
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"sweep_report: job {row['job']}: {row['status']}: {row['reason']}", file=sys.stderr)
     return paths
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -10,14 +11,40 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mim_lightning import runlog
+from mim_lightning.errors import ConfigError
+
+KEEP_LAST_K_KEY = "callbacks.checkpoint.keep_last_k"
+KEEP_LAST_K_ALLOWED = "an integer >= 0 (step snapshots kept besides last.ckpt), or -1 to keep every snapshot"
+
+
+def check_keep_last_k(value: Any, key: str = KEEP_LAST_K_KEY) -> int:
+    """``value`` as a snapshot count: ``-1`` (keep all), ``0`` (only ``last.ckpt``) or ``K > 0``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < -1:
+        raise ConfigError(key, value, KEEP_LAST_K_ALLOWED)
+    return int(value)
+
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends or is stopped
-    by SIGTERM / SIGUSR1 / Ctrl-C.
+    """Lightning's ``ModelCheckpoint`` that keeps ``last.ckpt`` plus the newest ``keep_last_k`` step
+    snapshots, and also writes ``last.ckpt`` when training ends or is stopped by SIGTERM / SIGUSR1 / Ctrl-C.
+
+    Retention (without ``monitor``): after each new snapshot is completely written (atomically, by
+    ``AtomicCheckpointIO``), rank 0 deletes the older snapshots in ``dirpath`` beyond the newest
+    ``keep_last_k``, newest by modification time as :func:`last_checkpoint` orders them. It looks at the
+    folder, not at a list it kept, so snapshots of an earlier, interrupted run of the same folder are
+    pruned too. Only files named after ``filename`` are snapshots; ``last.ckpt`` and the checkpoint this
+    run resumed from are never deleted. ``-1`` keeps every snapshot, ``0`` only ``last.ckpt``.
+    ``save_top_k`` without ``monitor`` is accepted as a synonym (Lightning allows -1, 0, 1 there); with a
+    ``monitor`` Lightning's own best-``save_top_k`` applies and ``keep_last_k`` must stay unset.
+
+    At the start of a fit, rank 0 removes the temporary files that a save killed mid-write left in
+    ``dirpath`` (names matching ``AtomicCheckpointIO``'s pattern only) and logs what it removed.
 
     With ``every_n_train_steps`` Lightning saves only on those steps, so a short run (or the steps
     after the last multiple of N) would end with no checkpoint of its final weights. On a stop signal
@@ -25,6 +52,86 @@ class RunCheckpoint(ModelCheckpoint):
     resumes exactly. A crash for any other reason (a non-finite loss included) writes nothing, so the
     last good checkpoint stays as it was.
     """
+
+    def __init__(self, dirpath: Any = None, filename: str | None = None, *, keep_last_k: Any = None,
+                 save_top_k: Any = None, monitor: str | None = None, **kwargs: Any) -> None:
+        if monitor is not None:
+            if keep_last_k is not None:
+                raise ConfigError(KEEP_LAST_K_KEY, keep_last_k, "null when callbacks.checkpoint.monitor is set",
+                                  "with a monitor, save_top_k keeps the best checkpoints")
+            self.keep_last_k: int | None = None
+            lightning_top_k = 1 if save_top_k is None else save_top_k
+        else:
+            if keep_last_k is None:
+                keep_last_k = 2 if save_top_k is None else save_top_k
+            elif save_top_k is not None and save_top_k != keep_last_k:
+                raise ConfigError("callbacks.checkpoint.save_top_k", save_top_k,
+                                  f"unset, or equal to keep_last_k ({keep_last_k!r})",
+                                  "without a monitor save_top_k is a synonym of keep_last_k")
+            self.keep_last_k = check_keep_last_k(keep_last_k)
+            # Lightning writes every snapshot (or none); the pruning is ours
+            lightning_top_k = 0 if self.keep_last_k == 0 else -1
+        super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, save_top_k=lightning_top_k, **kwargs)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero and self.dirpath and _is_local_file_protocol(self.dirpath):
+            from mim_lightning.checkpoint_io import remove_temp_files
+
+            removed = remove_temp_files(self.dirpath)
+            if removed:
+                size = sum(nbytes for _, nbytes in removed)
+                names = ", ".join(path.name for path, _ in removed)
+                runlog.info(f"removed {len(removed)} temporary file(s) of an interrupted checkpoint save from "
+                            f"{self.dirpath} ({size / 2**20:.1f} MiB): {names}")
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if self.keep_last_k and self.keep_last_k > 0 and trainer.is_global_zero:
+            self._prune(trainer)
+
+    def snapshots(self) -> list[Path]:
+        """The step snapshots in ``dirpath`` (files named after ``filename``, ``last*.ckpt`` excluded),
+        newest first."""
+        if not self.dirpath or not _is_local_file_protocol(self.dirpath) or not Path(self.dirpath).is_dir():
+            return []
+        folder = Path(self.dirpath)
+        template = self.filename or "{epoch}" + self.CHECKPOINT_JOIN_CHAR + "{step}"
+        pattern = re.compile(self._name_regex(template))
+        last = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-v\d+)?{re.escape(self.FILE_EXTENSION)}$")
+        found = []
+        for path in (folder.rglob if "/" in template else folder.glob)(f"*{self.FILE_EXTENSION}"):
+            relative = path.relative_to(folder).as_posix()
+            if pattern.match(relative) and not last.match(path.name) and not path.name.startswith("."):
+                try:
+                    found.append((path.stat().st_mtime_ns, path.name, path))
+                except FileNotFoundError:
+                    continue
+        return [path for _, _, path in sorted(found, reverse=True)]
+
+    def _name_regex(self, template: str) -> str:
+        """A regex for the names Lightning makes from ``template`` (any metric values, version suffix)."""
+        regex = ""
+        for part in re.split(r"(\{[^}]*\})", template):
+            if part.startswith("{") and part.endswith("}"):
+                name = part[1:-1].split(":")[0]
+                regex += (re.escape(name + self.CHECKPOINT_EQUALS_CHAR) if self.auto_insert_metric_name else "") + ".+?"
+            else:
+                regex += re.escape(part)
+        return rf"^{regex}({re.escape(self.CHECKPOINT_JOIN_CHAR)}v\d+)?{re.escape(self.FILE_EXTENSION)}$"
+
+    def _prune(self, trainer: pl.Trainer) -> None:
+        newest = Path(self._last_checkpoint_saved).resolve() if self._last_checkpoint_saved else None
+        if newest is None or not newest.exists():
+            return  # delete nothing until the new snapshot is complete on disk
+        keep = {newest}
+        for path in (self.last_model_path, trainer.ckpt_path):  # ckpt_path: the run resumed from it
+            if path:
+                keep.add(Path(path).resolve())
+        others = [path for path in self.snapshots() if path.resolve() != newest]
+        for path in others[self.keep_last_k - 1:]:
+            if path.resolve() not in keep:
+                trainer.strategy.remove_checkpoint(path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
