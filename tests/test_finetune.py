@@ -580,7 +580,8 @@ def test_interrupted_finetuning_resumes_to_the_weights_of_an_uninterrupted_run(l
     own_copy = tmp_path / "pretrained.ckpt"
     shutil.copy(pretrained_ckpt, own_copy)
     run = [f"pretrained={own_copy}", "trainer.max_epochs=2", "data.num_workers=2",
-           "data.val_fraction=0.1", "callbacks.checkpoint.every_n_train_steps=2", "finetune.lr.warmup_epochs=1",
+           "data.val_fraction=0.1", "data.val_min_images=2", "callbacks.checkpoint.every_n_train_steps=2",
+           "finetune.lr.warmup_epochs=1",
            "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.5"]
     straight = finetune(ft_cfg(labelled, tmp_path / "straight", *run))
     assert straight.num_training_batches == 4 and straight.global_step == 8

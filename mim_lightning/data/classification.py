@@ -27,8 +27,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision import transforms as T
 
-from mim_lightning.data.datamodule import PretrainDataModule, split_train_val
-from mim_lightning.data.datasets import ImageDataset
+from mim_lightning.data.datamodule import PretrainDataModule
 from mim_lightning.data.sources import ClassFolderSource, ImageFolderSource
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, interpolation_mode
 from mim_lightning.errors import ConfigError
@@ -109,7 +108,8 @@ class ClassificationDataModule(PretrainDataModule):
     Args:
         source: a labelled source (``ClassFolderSource``); an unlabelled one is a one-line ConfigError.
         val_root: a separate folder of the same classes for validation (ImageNet ``val/``); without it
-            ``val_fraction`` of the training images are held out.
+            ``val_fraction`` of the training images are held out (at least ``val_min_images``, at most
+            ``val_max_images`` and half; class-stratified: every class gives its share and keeps one image).
         mode: ``finetune`` or ``linear_probe`` (picks the training transform).
         augment: the recipe's ``finetune.augment`` mapping (auto_augment, color_jitter, reprob, remode,
             recount, interpolation, crop_pct).
@@ -121,7 +121,7 @@ class ClassificationDataModule(PretrainDataModule):
                  batch_size: int = 64, num_workers: int = 8, pin_memory: bool = True, persistent_workers: bool = True,
                  prefetch_factor: int | None = 2, val_fraction: float = 0.01, val_max_images: int = 1000,
                  repeat: int = 1, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 seed: int = 0, interpolation: str = "bicubic") -> None:
+                 seed: int = 0, interpolation: str = "bicubic", val_min_images: int = 8) -> None:
         if not getattr(source, "labelled", False):
             raise ConfigError("data", type(source).__name__, "a labelled source: data=imagefolder data.root=<folder "
                               "with one sub-folder per class>", "finetuning needs labels")
@@ -130,7 +130,7 @@ class ClassificationDataModule(PretrainDataModule):
         super().__init__(source, root=root, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
                          val_fraction=val_fraction, val_max_images=val_max_images, repeat=repeat,
-                         interpolation=interpolation, mean=mean, std=std, seed=seed)
+                         interpolation=interpolation, mean=mean, std=std, seed=seed, val_min_images=val_min_images)
         augment = dict(augment or {})
         interp = str(augment.pop("interpolation", interpolation))
         crop_pct = augment.pop("crop_pct", None)
@@ -152,10 +152,8 @@ class ClassificationDataModule(PretrainDataModule):
                                   f"({len(self.classes)}: {', '.join(self.classes[:3])}...)", "the class lists differ")
             train, val = list(samples), val_source.samples()
         else:
-            train, val = split_train_val(samples, self.val_fraction, self.val_max_images, self.seed)
-        self.train_dataset = ImageDataset(train, self.train_transform, seed=self.seed, repeat=self.repeat)
-        self.val_dataset = ImageDataset(val, self.val_transform, seed=self.seed + 1) if val else None
-        self._check_batch_size(world_size=self._rank_and_world()[1])
+            train, val = self.split_samples(samples)
+        self._make_datasets(train, val)
 
 
 #: ``data`` keys that are pretraining augmentation and do not apply to finetuning.

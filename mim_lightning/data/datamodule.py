@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from mim_lightning.data.datasets import ImageDataset
+from mim_lightning import runlog
+from mim_lightning.data.datasets import MAX_CONSECUTIVE_BAD, ImageDataset, no_readable_images
 from mim_lightning.data.sampler import EpochIndexSampler, ResumableDataLoader
 from mim_lightning.data.sources import ImageFolderSource, Sample
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MIMTransform, eval_image_transform, pretrain_image_transform
@@ -26,20 +27,107 @@ def collate_batch_mask(items: list[dict]) -> dict:
     return batch
 
 
-def split_train_val(samples: Sequence[Sample], val_fraction: float, val_max: int, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """A seeded, deterministic split; at least one validation image when ``val_fraction > 0`` and
-    there are two or more images, and never all of them."""
+def held_out_count(count: int, val_fraction: float, val_min: int, val_max: int) -> int:
+    """How many of ``count`` images are held out: ``round(count * val_fraction)``, raised to ``val_min``
+    (and to 1), then capped by ``val_max`` and by half the images (training keeps at least half);
+    0 when ``val_fraction`` is 0."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError("data.val_fraction", val_fraction, "a number in [0, 1), e.g. 0.01")
+        raise ConfigError("data.val_fraction", val_fraction, "a number in [0, 1), e.g. 0.01 (0: no validation)")
+    if int(val_min) < 0:
+        raise ConfigError("data.val_min_images", val_min, "0 or more (e.g. 8)")
+    if int(val_max) < 0:
+        raise ConfigError("data.val_max_images", val_max, "0 or more (e.g. 1000)")
+    if val_fraction == 0 or count < 2:
+        return 0
+    wanted = max(int(round(count * val_fraction)), int(val_min), 1)
+    return min(wanted, int(val_max), count // 2)
+
+
+def split_train_val(samples: Sequence[Sample], val_fraction: float, val_max: int, seed: int,
+                    val_min: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """A seeded, deterministic split holding out :func:`held_out_count` samples, in list order.
+
+    Unlabelled samples: a seeded random subset. Labelled ones (``label >= 0``): class-stratified, each
+    class giving its share (proportional to its size, ties broken by the seed) and keeping at least one
+    training image."""
     count = len(samples)
-    num_val = min(int(round(count * val_fraction)), int(val_max), count - 1)
-    if val_fraction > 0 and count >= 2:
-        num_val = max(num_val, 1)
-    order = np.random.default_rng(seed).permutation(count)
-    val_ids = set(order[:num_val].tolist())
+    num_val = held_out_count(count, val_fraction, val_min, val_max)
+    rng = np.random.default_rng(seed)
+    labels = np.asarray([s.label for s in samples], dtype=np.int64)
+    if num_val == 0:
+        val_ids: set[int] = set()
+    elif (labels < 0).any():
+        val_ids = set(rng.permutation(count)[:num_val].tolist())
+    else:
+        # Systematic allocation: the j-th of a class's n (seeded order) has key (j + 0.5) / n; the smallest
+        # keys are held out, so every class gives about num_val * n / count. A class's last image stays.
+        keys = np.full(count, np.inf)
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            members = members[rng.permutation(len(members))]
+            keys[members[:-1]] = (np.arange(len(members) - 1) + 0.5) / len(members)
+        chosen = np.lexsort((rng.random(count), keys))[:num_val]
+        val_ids = {int(i) for i in chosen if np.isfinite(keys[i])}
     train = [s for i, s in enumerate(samples) if i not in val_ids]
     val = [s for i, s in enumerate(samples) if i in val_ids]
     return train, val
+
+
+def _all_reduce(tensor: torch.Tensor, op: str, trainer: Any = None) -> torch.Tensor:
+    """``tensor`` reduced over the ranks (``op``: ``max`` or ``sum``) when a process group of more than one
+    rank is running (a collective: every rank must call it); ``tensor`` itself otherwise."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cuda", torch.cuda.current_device())
+    merged = tensor.to(device)
+    dist.all_reduce(merged, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return merged.cpu()
+
+
+def union_count(flags: Sequence[torch.Tensor], trainer: Any = None) -> int:
+    """How many samples are flagged in any rank's ``flags`` (bool tensors, the same samples on every rank);
+    see :func:`_all_reduce` (a collective under DDP)."""
+    flags = [f.reshape(-1) for f in flags if f is not None and f.numel()]
+    if not flags:
+        return 0
+    return int(_all_reduce(torch.cat([f.to(torch.uint8) for f in flags]), "max", trainer).sum())
+
+
+def total_count(count: int, trainer: Any = None) -> int:
+    """``count`` summed over the ranks (a collective under DDP, see :func:`_all_reduce`)."""
+    return int(_all_reduce(torch.tensor([int(count)], dtype=torch.int64), "sum", trainer).item())
+
+
+def source_text(source: Any, count: int | None = None) -> str:
+    """A source in words, for run summaries (``folder /data/pets``, ``demo photos (17 images ...)``)."""
+    describe = getattr(source, "describe", None)
+    if callable(describe):
+        return str(describe())
+    return f"{type(source).__name__} {getattr(source, 'root', '')}".strip()
+
+
+#: Files tried at setup before a source is declared unreadable (bounded: big folders are not decoded).
+PROBE_FILES = MAX_CONSECUTIVE_BAD
+
+
+def check_readable(train: ImageDataset, val: ImageDataset | None, key: str, value: Any) -> ImageDataset | None:
+    """The setup probe: a one-line :class:`~mim_lightning.errors.ConfigError` when none of the first
+    :data:`PROBE_FILES` training files decodes; the validation set is probed in full (it is small, and
+    normally its first file reads) and dropped with a warning when none of it decodes. Returns ``val``."""
+    val_readable = None
+    if train.first_readable(PROBE_FILES) is None:
+        tried, total = min(len(train.samples), PROBE_FILES), len(train.samples)
+        val_readable = val.first_readable(None) if val is not None else None
+        if val_readable is None and val is not None:
+            tried, total = tried + len(val.samples), total + len(val.samples)
+        raise no_readable_images(key, value, tried, total, "" if val_readable is None else "training ")
+    if val is not None and val.first_readable(None) is None:
+        runlog.warning(f"no readable held-out image (all {len(val.samples)} failed to decode): validation is off")
+        return None
+    return val
 
 
 class TrainPositionState:
@@ -87,7 +175,9 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
         batch_size: per-device batch size.
         num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader settings (pinning only
             when CUDA is present; persistence and prefetch only with workers).
-        val_fraction, val_max_images: held-out images for ``val/loss`` (centre crops, fixed masks).
+        val_fraction, val_min_images, val_max_images: held-out images for ``val/loss`` (centre crops, fixed
+            masks): ``round(n * val_fraction)``, at least ``val_min_images``, at most ``val_max_images`` and
+            half the images (:func:`held_out_count`); class-stratified for labelled sources. 0: no validation.
         repeat: passes over the image list per epoch (for tiny datasets; each pass has new crops/masks).
         crop_scale, crop_ratio, hflip, interpolation, mean, std, color_jitter: the augmentation (MAE's by
             default; ``color_jitter`` 0 is off).
@@ -100,7 +190,8 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
                  val_fraction: float = 0.01, val_max_images: int = 1000, repeat: int = 1,
                  crop_scale: Sequence[float] = (0.2, 1.0), crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                  interpolation: str = "bicubic", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 seed: int = 0, mask_generator: MaskGenerator | None = None, color_jitter: float = 0.0) -> None:
+                 seed: int = 0, mask_generator: MaskGenerator | None = None, color_jitter: float = 0.0,
+                 val_min_images: int = 8) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ConfigError("data.batch_size", batch_size, "a positive integer")
@@ -117,6 +208,8 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.val_fraction = float(val_fraction)
         self.val_max_images = int(val_max_images)
+        self.val_min_images = int(val_min_images)
+        held_out_count(0, self.val_fraction, self.val_min_images, self.val_max_images)  # one-line errors now
         self.repeat = int(repeat)
         self.mean = tuple(mean)
         self.std = tuple(std)
@@ -137,10 +230,42 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
             return
         samples = self.source.samples()
         self.classes = list(self.source.classes)
-        train, val = split_train_val(samples, self.val_fraction, self.val_max_images, self.seed)
-        self.train_dataset = ImageDataset(train, self.train_transform, seed=self.seed, repeat=self.repeat)
-        self.val_dataset = ImageDataset(val, self.val_transform, seed=self.seed + 1) if val else None
+        train, val = self.split_samples(samples)
+        self._make_datasets(train, val)
+
+    def split_samples(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
+        """The seeded train/val split of ``samples`` (see :func:`split_train_val`)."""
+        return split_train_val(samples, self.val_fraction, self.val_max_images, self.seed, val_min=self.val_min_images)
+
+    def _source_key(self) -> tuple[str, Any]:
+        """The config key and value naming where the images are (for one-line errors)."""
+        return str(getattr(self.source, "key", "data.root")), getattr(self.source, "root", None)
+
+    def _dataset(self, samples: Sequence[Sample], train: bool) -> ImageDataset:
+        key, value = self._source_key()
+        if train:
+            return ImageDataset(samples, self.train_transform, seed=self.seed, repeat=self.repeat, key=key, value=value)
+        return ImageDataset(samples, self.val_transform, seed=self.seed + 1, replace_within=None, mark_replaced=True,
+                            key=key, value=value)
+
+    def _make_datasets(self, train: Sequence[Sample], val: Sequence[Sample]) -> None:
+        """Build the datasets, probe that they can be read (:func:`check_readable`), check the batch size."""
+        self.train_dataset = self._dataset(train, train=True)
+        val_dataset = self._dataset(val, train=False) if val else None
+        self.val_dataset = check_readable(self.train_dataset, val_dataset, *self._source_key())
         self._check_batch_size(world_size=self._rank_and_world()[1])
+
+    def describe(self) -> dict[str, Any]:
+        """What the run reads, after ``setup("fit")``: ``{"source", "demo", "images", "train", "val",
+        "classes", "skipped", "repeat"}`` (``train``/``val``: images, before ``repeat``; ``skipped``: this
+        rank's unreadable files so far)."""
+        from mim_lightning.data.demo import DemoSource
+
+        train = len(self.train_dataset.samples) if self.train_dataset is not None else None
+        val = len(self.val_dataset.samples) if self.val_dataset is not None else 0
+        return {"source": source_text(self.source), "demo": isinstance(self.source, DemoSource),
+                "images": None if train is None else train + val, "train": train, "val": val,
+                "classes": len(self.classes), "skipped": self._local_skipped(), "repeat": self.repeat}
 
     def _check_batch_size(self, world_size: int) -> None:
         assert self.train_dataset is not None
@@ -151,9 +276,16 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
                 f"at most the {per_rank} training images per device (lower data.batch_size or raise data.repeat)",
                 "larger than the training set, so an epoch would have no batch")
 
+    def _bad_flags(self) -> list[torch.Tensor]:
+        return [ds.bad for ds in (self.train_dataset, self.val_dataset) if ds is not None]
+
+    def _local_skipped(self) -> int:
+        return sum(int(flags.sum()) for flags in self._bad_flags())
+
     def num_skipped(self) -> int:
-        """Unreadable files found so far (skipped, not fatal)."""
-        return sum(ds.num_bad() for ds in (self.train_dataset, self.val_dataset) if ds is not None)
+        """Distinct unreadable files found so far (skipped, not fatal), by every loader worker and, when a
+        process group runs, every rank (then a collective: call it on all ranks, as an epoch-end hook does)."""
+        return union_count(self._bad_flags(), self.trainer)
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from mim_lightning.data.sources import Sample
 from mim_lightning.data.transforms import MIMTransform
+from mim_lightning.errors import ConfigError
 
 #: How many following samples to try before giving up when files cannot be read.
 MAX_CONSECUTIVE_BAD = 64
@@ -61,25 +62,47 @@ def transformed_item(transform: MIMTransform, seed: int, epoch: int, index: int,
     return item
 
 
+class NoReadableImagesError(ConfigError):
+    """Every file a dataset could try failed to decode (a one-line error naming the data key)."""
+
+
+def no_readable_images(key: str, value: object, tried: int, total: int, which: str = "") -> NoReadableImagesError:
+    """The one-line error for a source none of whose ``tried`` (of ``total``) ``which`` files decode."""
+    what = f"all {total} {which}files failed to decode" if tried >= total else \
+        f"all {tried} of {total} {which}files tried failed to decode"
+    return NoReadableImagesError(key, value, "a folder with at least one readable image (jpg, png, webp, ...)",
+                                 f"no readable {which}images: {what}")
+
+
 class ImageDataset(Dataset):
     """Images from ``samples`` through a :class:`MIMTransform`.
 
     Keys are ``index`` or ``(index, epoch)`` (see :class:`~mim_lightning.data.sampler.EpochIndexSampler`);
     the sample is seeded by ``(seed, epoch, index)``. With ``repeat > 1`` the list is walked several
-    times per epoch with different crops and masks (useful for tiny datasets). A file that cannot be
-    read is skipped (the next one is used), counted in :meth:`num_bad` and reported once.
+    times per epoch with different crops and masks (useful for tiny datasets).
+
+    A file that cannot be read is replaced by the next readable one (in list order, wrapping; at most
+    ``replace_within`` files are tried, None: the whole list), flagged in :attr:`bad` (shared memory, so
+    every loader worker sees it and each file is warned about once) and counted in :meth:`num_bad`.
+    ``mark_replaced=True`` (validation) adds ``"valid": False`` to a replaced item (True otherwise), so
+    metrics can leave the stand-in out. When every file has failed, :class:`NoReadableImagesError`.
 
     Items: ``{"images": (3, H, W) float, "mask": (gh, gw) bool (when a mask generator is set),
-    "label": int (labelled sources), "index": int}``.
+    "label": int (labelled sources), "index": int, "valid": bool (with ``mark_replaced``)}``.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: MIMTransform, seed: int = 0, repeat: int = 1) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: MIMTransform, seed: int = 0, repeat: int = 1,
+                 replace_within: int | None = MAX_CONSECUTIVE_BAD, mark_replaced: bool = False,
+                 key: str = "data.root", value: object = None) -> None:
         if not samples:
             raise ValueError("ImageDataset needs at least one sample")
         self.samples = list(samples)
         self.transform = transform
         self.seed = int(seed)
         self.repeat = max(1, int(repeat))
+        self.replace_within = None if replace_within is None else max(1, int(replace_within))
+        self.mark_replaced = bool(mark_replaced)
+        self.key, self.value = key, value
         # Shared with dataloader workers (shared memory), so every process sees the same bad-file flags.
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
@@ -87,6 +110,7 @@ class ImageDataset(Dataset):
         return len(self.samples) * self.repeat
 
     def num_bad(self) -> int:
+        """Distinct unreadable samples found so far, by any process (loader workers included)."""
         return int(self.bad.sum())
 
     #: Exceptions that mark a sample unreadable (skipped and counted) rather than a bug.
@@ -96,22 +120,66 @@ class ImageDataset(Dataset):
         """The sample's image as 8-bit RGB (a file here; other datasets read rows or bytes)."""
         return load_rgb(sample.path)
 
-    def _load(self, index: int) -> tuple[Sample, Image.Image]:
+    def read(self, position: int) -> tuple[Image.Image, int]:
+        """Sample ``position``'s image and label (raises one of :attr:`unreadable` when it cannot be read)."""
+        sample = self.samples[position]
+        return self.open_image(sample), sample.label
+
+    def describe_sample(self, position: int) -> str:
+        return str(self.samples[position].path)
+
+    def _flag_bad(self, position: int, exc: BaseException) -> None:
+        if self.bad[position]:  # another worker found it first (and warned)
+            return
+        self.bad[position] = True
+        warnings.warn(f"skipping unreadable image {self.describe_sample(position)}: {type(exc).__name__}: {exc}",
+                      stacklevel=2)
+
+    def _load(self, index: int) -> tuple[int, Image.Image, int]:
+        """``(position read, image, label)`` for sample ``index`` or the next readable one."""
         count = len(self.samples)
-        for offset in range(min(count, MAX_CONSECUTIVE_BAD)):
+        window = count if self.replace_within is None else min(count, self.replace_within)
+        for offset in range(window):
             position = (index + offset) % count
             if self.bad[position]:
                 continue
-            sample = self.samples[position]
             try:
-                return sample, self.open_image(sample)
+                image, label = self.read(position)
+                return position, image, label
             except self.unreadable as exc:
+                self._flag_bad(position, exc)
+        if self.num_bad() >= count:
+            raise no_readable_images(self.key, self.value, count, count)
+        raise RuntimeError(f"no readable image among {window} files starting at {self.describe_sample(index % count)}"
+                           f"; {self.num_bad()} unreadable so far")
+
+    def first_readable(self, limit: int | None = MAX_CONSECUTIVE_BAD) -> int | None:
+        """Decode samples in list order until one reads; its position, or None when the first ``limit``
+        (None: all) failed. A bounded probe for setup: the failures are flagged, and warned about only
+        when a readable sample follows (a source that cannot be read at all is one error, not N warnings)."""
+        count = len(self.samples)
+        failed: list[tuple[int, BaseException]] = []
+        found = None
+        for position in range(count if limit is None else min(count, int(limit))):
+            if self.bad[position]:
+                continue
+            try:
+                self.read(position)
+                found = position
+                break
+            except self.unreadable as exc:
+                failed.append((position, exc))
+        for position, exc in failed:
+            if found is None:
                 self.bad[position] = True
-                warnings.warn(f"skipping unreadable image {sample.path}: {type(exc).__name__}: {exc}", stacklevel=2)
-        raise RuntimeError(f"no readable image among {min(count, MAX_CONSECUTIVE_BAD)} files starting at "
-                           f"{self.samples[index % count].path}; {self.num_bad()} unreadable so far")
+            else:
+                self._flag_bad(position, exc)
+        return found
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        sample, image = self._load(index % len(self.samples))
-        return transformed_item(self.transform, self.seed, epoch, index, image, sample.label)
+        position, image, label = self._load(index % len(self.samples))
+        item = transformed_item(self.transform, self.seed, epoch, index, image, label)
+        if self.mark_replaced:
+            item["valid"] = position == index % len(self.samples)
+        return item

@@ -65,6 +65,9 @@ class DemoSource(ImageFolderSource):
         self.max_side = max_side
         super().__init__(str(self.folder), key="data.source.cache_dir")
 
+    def describe(self) -> str:
+        return f"demo photos ({len(DEMO_PHOTOS) + 1} images from scikit-image)"
+
     def samples(self) -> list[Sample]:
         expected = len(DEMO_PHOTOS) + 1
         if not self.folder.is_dir() or len(list(self.folder.glob("*.png"))) < expected:

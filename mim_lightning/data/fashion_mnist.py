@@ -117,6 +117,10 @@ class FashionMNISTSource(ClassFolderSource):
         self.subset_seed, self.cache_dir = int(subset_seed), cache_dir
         super().__init__(None, key="data.source.raw_dir")
 
+    def describe(self) -> str:
+        part = "" if self.fraction >= 1 else f", a {self.fraction:g} stratified subset"
+        return f"Fashion-MNIST {self.split} split ({self.raw_dir}{part})"
+
     def folder(self) -> Path:
         """The split's PNG class folders (written on first use)."""
         return export_split(self.raw_dir, self.split, self.cache_dir)

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
-from mim_lightning.data.datamodule import PretrainDataModule, collate_batch_mask, split_train_val
+from mim_lightning.data.datamodule import PretrainDataModule, collate_batch_mask, total_count
 from mim_lightning.data.datasets import ImageDataset, as_rgb, load_rgb, transformed_item
 from mim_lightning.data.sources import Sample
 from mim_lightning.data.transforms import MIMTransform
@@ -104,8 +104,8 @@ class HFImageDataset(ImageDataset):
     ``path`` is the row number; an unreadable row is skipped (the next one used) and counted."""
 
     def __init__(self, table: Any, samples: Sequence[Sample], transform: MIMTransform, image_column: str,
-                 seed: int = 0, repeat: int = 1) -> None:
-        super().__init__(samples, transform, seed=seed, repeat=repeat)
+                 seed: int = 0, repeat: int = 1, **kwargs: Any) -> None:
+        super().__init__(samples, transform, seed=seed, repeat=repeat, **kwargs)
         self.table = table
         self.image_column = image_column
 
@@ -114,6 +114,9 @@ class HFImageDataset(ImageDataset):
     def open_image(self, sample: Sample) -> Image.Image:
         """Row ``sample.path`` (its row number) of the table."""
         return to_rgb(self.table[int(sample.path)][self.image_column])
+
+    def describe_sample(self, position: int) -> str:
+        return f"row {self.samples[position].path}"
 
 
 class HFStreamDataset(IterableDataset):
@@ -130,7 +133,10 @@ class HFStreamDataset(IterableDataset):
         self.seed = int(seed)
         self.shuffle_buffer = int(shuffle_buffer)
         self.epoch, self.rank, self.world_size, self.limit, self.batch_size = 0, 0, 1, 0, 1
+        # Shared with the loader workers: unreadable rows read (a row read again in a later epoch counts
+        # again: a stream has no stable row ids), and whether one was warned about (once per run).
         self.bad = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.warned = torch.zeros(1, dtype=torch.bool).share_memory_()
 
     def num_bad(self) -> int:
         return int(self.bad.sum())
@@ -160,7 +166,10 @@ class HFStreamDataset(IterableDataset):
                 image = to_rgb(row[self.image_column])
             except (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError) as exc:
                 self.bad += 1
-                warnings.warn(f"skipping unreadable streamed row: {type(exc).__name__}: {exc}", stacklevel=2)
+                if not self.warned[0]:
+                    self.warned[0] = True
+                    warnings.warn(f"skipping unreadable streamed row: {type(exc).__name__}: {exc} (further ones are "
+                                  "counted in data/skipped, not reported)", stacklevel=2)
                 continue
             label = row.get(self.label_column) if self.label_column is not None else None
             produced += 1
@@ -235,12 +244,44 @@ class HFDataModule(PretrainDataModule):
         samples = [Sample(str(i), int(labels[i]) if labels is not None else -1) for i in range(len(table))]
         if not samples:
             raise ConfigError("data.path", self.path, "a dataset with at least one row", "it is empty")
-        train, val = split_train_val(samples, self.val_fraction, self.val_max_images, self.seed)
-        self.train_dataset = HFImageDataset(table, train, self.train_transform, self.image_column, seed=self.seed,
-                                            repeat=self.repeat)
-        self.val_dataset = (HFImageDataset(table, val, self.val_transform, self.image_column, seed=self.seed + 1)
-                            if val else None)
-        self._check_batch_size(world_size=self._rank_and_world()[1])
+        self._table = table
+        train, val = self.split_samples(samples)
+        self._make_datasets(train, val)
+
+    def _source_key(self) -> tuple[str, Any]:
+        return "data.path", self.path
+
+    def _dataset(self, samples: Sequence[Sample], train: bool) -> HFImageDataset:
+        key, value = self._source_key()
+        if train:
+            return HFImageDataset(self._table, samples, self.train_transform, self.image_column, seed=self.seed,
+                                  repeat=self.repeat, key=key, value=value)
+        return HFImageDataset(self._table, samples, self.val_transform, self.image_column, seed=self.seed + 1,
+                              replace_within=None, mark_replaced=True, key=key, value=value)
+
+    def describe(self) -> dict[str, Any]:
+        """As :meth:`PretrainDataModule.describe`; a stream has ``images``/``train`` None and ``val`` 0."""
+        demo = self.path is None
+        source = "demo photos as a Hugging Face dataset (17 images from scikit-image)" if demo else f"hf {self.path}"
+        if self.streaming:
+            return {"source": source + " (streamed)", "demo": demo, "images": None, "train": None, "val": 0,
+                    "classes": len(self.classes), "skipped": self._local_skipped(), "repeat": self.repeat}
+        train = len(self.train_dataset.samples) if self.train_dataset is not None else None
+        val = len(self.val_dataset.samples) if self.val_dataset is not None else 0
+        return {"source": source, "demo": demo, "images": None if train is None else train + val, "train": train,
+                "val": val, "classes": len(self.classes), "skipped": self._local_skipped(), "repeat": self.repeat}
+
+    def _local_skipped(self) -> int:
+        if self.streaming:
+            return self.train_dataset.num_bad() if self.train_dataset is not None else 0
+        return super()._local_skipped()
+
+    def num_skipped(self) -> int:
+        """Unreadable rows so far: distinct rows over workers and ranks (map-style), or the rows read
+        unreadable by every worker and rank (streaming; a collective under DDP)."""
+        if not self.streaming:
+            return super().num_skipped()
+        return total_count(self._local_skipped(), self.trainer)
 
     def _check_batch_size(self, world_size: int) -> None:
         if not self.streaming:

@@ -62,11 +62,18 @@ class ImageFolderSource:
     def classes(self) -> list[str]:
         return []
 
+    def describe(self) -> str:
+        """The source in words (run summaries)."""
+        return f"folder {self.root}"
+
 
 class ClassFolderSource(ImageFolderSource):
     """``root/<class>/**/<image>``: one sub-folder per class, labels kept (``data=imagefolder``)."""
 
     labelled = True
+
+    def describe(self) -> str:
+        return f"class folders {self.root}"
 
     def class_names(self) -> list[str]:
         root = _check_root(self.root, self.key)

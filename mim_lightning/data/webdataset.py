@@ -59,10 +59,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from mim_lightning.data.datamodule import TrainPositionState, collate_batch_mask
-from mim_lightning.data.datasets import as_rgb, transformed_item
+from mim_lightning import runlog
+from mim_lightning.data.datamodule import TrainPositionState, collate_batch_mask, union_count
+from mim_lightning.data.datasets import ImageDataset, as_rgb, no_readable_images, transformed_item
 from mim_lightning.data.sampler import EpochIndexSampler
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MIMTransform, eval_image_transform, pretrain_image_transform
 from mim_lightning.errors import ConfigError
@@ -315,14 +316,36 @@ class ShardDataset(IterableDataset):
         self.world_size = 1
         self.skip_batches = 0
         self._plans: dict[int, list[tuple[int, int]]] = {}
-        self.bad = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._warned = False
+        # One flag per sample (its global position), shared with the loader workers: each unreadable sample
+        # is counted and warned about once, whichever worker, pass or epoch meets it.
+        self.bad = torch.zeros(self.total, dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return self.total * self.repeat
 
     def num_bad(self) -> int:
+        """Distinct unreadable samples found so far, by any loader worker."""
         return int(self.bad.sum())
+
+    def first_readable(self, limit: int = 64) -> bool | None:
+        """Read the first shard's first samples until one decodes (a bounded setup probe): True when one
+        did, False when all of the first ``limit`` failed, None when the shard could not be opened."""
+        failed: list[tuple[int, str, Exception]] = []
+        try:
+            for position, (key, raw) in enumerate(iter_shard(self.shards[0])):
+                if position >= min(int(limit), self.sizes[0]):
+                    break
+                try:
+                    decode_sample(raw)
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                    failed.append((position, key, exc))
+                    continue
+                for bad in failed:  # real skips: reported (a source none of which reads is one error instead)
+                    self._note_bad(*bad)
+                return True
+        except (OSError, ValueError, tarfile.TarError):
+            return None
+        return False
 
     # -- the epoch plan ------------------------------------------------------------------------------
     def epoch_items(self, epoch: int) -> list[tuple[int, int]]:
@@ -382,12 +405,13 @@ class ShardDataset(IterableDataset):
     def _item(self, index: int, epoch: int, image: Image.Image, label: int) -> dict:
         return transformed_item(self.transform, self.seed, epoch, index, image, label)
 
-    def _note_bad(self, key: str, exc: Exception) -> None:
-        self.bad += 1
-        if not self._warned:
-            self._warned = True
-            warnings.warn(f"skipping unreadable sample {key}: {type(exc).__name__}: {exc} (replaced by a readable one)",
-                          stacklevel=2)
+    def _note_bad(self, index: int, key: str, exc: Exception) -> None:
+        position = int(index) % self.total
+        if self.bad[position]:
+            return
+        self.bad[position] = True
+        warnings.warn(f"skipping unreadable sample {key}: {type(exc).__name__}: {exc} (replaced by a readable one)",
+                      stacklevel=2)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -413,7 +437,7 @@ class ShardDataset(IterableDataset):
             try:
                 image, label = decode_sample(raw)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                self._note_bad(key, exc)
+                self._note_bad(index, key, exc)
                 pending.append(index)
                 continue
             for bad_index in pending:  # the same number of samples as planned, whatever was unreadable
@@ -435,21 +459,20 @@ class ShardDataset(IterableDataset):
         raise IndexError(f"sample {index} not found in {self.shards[shard]}")
 
 
-class RawSampleDataset(Dataset):
-    """A few samples held in memory as raw bytes (validation shards): map-style, keys ``(index, epoch)``."""
+class RawSampleDataset(ImageDataset):
+    """A few samples held in memory as raw bytes (validation shards): map-style, keys ``(index, epoch)``.
+
+    An unreadable sample is replaced by the next readable one, marked ``"valid": False`` and counted, as
+    :class:`~mim_lightning.data.datasets.ImageDataset` does for held-out files."""
 
     def __init__(self, samples: Sequence[Raw], transform: MIMTransform, seed: int = 0) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-        self.seed = int(seed)
+        super().__init__(samples, transform, seed=seed, replace_within=None, mark_replaced=True, key="data.val_urls")
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def read(self, position: int) -> tuple[Image.Image, int]:
+        return decode_sample(self.samples[position])
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        image, label = decode_sample(self.samples[int(index)])
-        return transformed_item(self.transform, self.seed, epoch, index, image, label)
+    def describe_sample(self, position: int) -> str:
+        return f"validation sample {position}"
 
 
 class ShardLoader(DataLoader):
@@ -621,7 +644,30 @@ class ShardDataModule(TrainPositionState, pl.LightningDataModule):
                         break
                     raw.append(sample)
             self.val_dataset = RawSampleDataset(raw, self.val_transform, seed=self.seed + 1) if raw else None
+            if self.val_dataset is not None:
+                self.val_dataset.value = self.val_urls
+                if self.val_dataset.first_readable(None) is None:
+                    runlog.warning(f"no readable validation sample (all {len(raw)} failed to decode): validation is off")
+                    self.val_dataset = None
+        if self.train_dataset.first_readable() is False:
+            tried = min(64, self.train_dataset.sizes[0])
+            raise no_readable_images("data.urls", shards[0], tried, self.train_dataset.sizes[0])
         self._check(*self._rank_and_world())
+
+    def describe(self) -> dict[str, Any]:
+        """What the run reads, after ``setup("fit")`` (the keys of :meth:`PretrainDataModule.describe`)."""
+        demo = self.urls is None
+        if demo:
+            source = "demo photos as shards (17 images from scikit-image)"
+        else:
+            shards = self.train_dataset.shards if self.train_dataset is not None else []
+            text = self.urls if isinstance(self.urls, str) else "::".join(map(str, self.urls))
+            source = f"shards {text}" + (f" ({len(shards)} shards)" if len(shards) > 1 else "")
+        train = self.train_dataset.total if self.train_dataset is not None else None
+        val = len(self.val_dataset) if self.val_dataset is not None else 0
+        skipped = sum(int(ds.bad.sum()) for ds in (self.train_dataset, self.val_dataset) if ds is not None)
+        return {"source": source, "demo": demo, "images": train, "train": train, "val": val,
+                "classes": len(self.classes), "skipped": skipped, "repeat": self.repeat}
 
     def _check(self, rank: int, world: int) -> None:
         assert self.train_dataset is not None
@@ -650,8 +696,9 @@ class ShardDataModule(TrainPositionState, pl.LightningDataModule):
         return 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def num_skipped(self) -> int:
-        """Unreadable samples found so far (replaced, not fatal)."""
-        return self.train_dataset.num_bad() if self.train_dataset is not None else 0
+        """Distinct unreadable samples found so far (replaced, not fatal), over every loader worker and, when a
+        process group runs, every rank (then a collective: call it on all ranks, as an epoch-end hook does)."""
+        return union_count([ds.bad for ds in (self.train_dataset, self.val_dataset) if ds is not None], self.trainer)
 
     def _extra(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}

@@ -62,6 +62,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 from torch import nn
 
+from mim_lightning import runlog
 from mim_lightning.errors import ConfigError
 from mim_lightning.optim import layer_decay_param_groups, make_optimizer, scaled_lr, unwrapped_name, warmup_cosine_factor
 
@@ -485,7 +486,42 @@ def read_pretrained(path: str | Path, method: str, method_target: str | None = N
     return {k[len("encoder."):]: v for k, v in converted.items() if k.startswith("encoder.")}
 
 
-def load_encoder(classifier: Classifier, state: Mapping[str, torch.Tensor], source: str = "pretrained") -> None:
+def _grid_text(tokens: int) -> str:
+    side = math.isqrt(max(int(tokens), 0))
+    return f"{side}x{side}" if side * side == tokens else f"{tokens} tokens"
+
+
+def _window_text(rows: int) -> str:
+    """The window of a (2w-1)^2-row relative position table."""
+    side = math.isqrt(max(int(rows), 0))
+    return f"{(side + 1) // 2}x{(side + 1) // 2}" if side * side == rows else f"{rows} rows"
+
+
+def _names(keys: Sequence[str]) -> str:
+    """Parameter names grouped by module (``head``, ``fc_norm``, ``relative_position_bias_table x12``)."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        leaf = key.rsplit(".", 1)[-1]
+        name = leaf if leaf in ("relative_position_bias_table", "relative_position_index", "gamma_1", "gamma_2") \
+            else key.split(".", 1)[0]
+        groups[name] = groups.get(name, 0) + 1
+    return ", ".join(name if count == 1 or not name.startswith("relative") else f"{name} x{count}"
+                     for name, count in groups.items())
+
+
+def load_report_line(report: Mapping[str, Any], path: str | Path) -> str:
+    """The one line a finetuning run prints about what :func:`load_encoder` did."""
+    parts = [f"{report['loaded']} tensors loaded"]
+    if report["resized"]:
+        parts.append(f"{len(report['resized'])} resized ({'; '.join(report['resized'])})")
+    parts.append(f"{len(report['missing'])} missing" + (f", initialised ({_names(report['missing'])})"
+                                                        if report["missing"] else ""))
+    parts.append(f"{len(report['unexpected'])} unexpected" + (f", ignored ({_names(report['unexpected'])})"
+                                                              if report["unexpected"] else ""))
+    return f"pretrained={path}: " + "; ".join(parts)
+
+
+def load_encoder(classifier: Classifier, state: Mapping[str, torch.Tensor], source: str = "pretrained") -> dict:
     """Load encoder weights into ``classifier.model``: the pos-embed is resized (bicubic) to the model's grid,
     the head and ``fc_norm`` stay as initialized, unused ``norm.*`` weights (global pool) are ignored; any other
     missing key or shape difference is a :class:`ConfigError` naming the key (e.g. a checkpoint of another size).
@@ -493,7 +529,10 @@ def load_encoder(classifier: Classifier, state: Mapping[str, torch.Tensor], sour
     Swin-type encoders: keys are mapped to the classifier's names (``key_map``), relative-position-bias tables of
     another window are resized (SimMIM: geometric resampling; MixMIM: bicubic), index buffers recomputed, and a
     fixed ``absolute_pos_embed`` resized bicubically to the new grid. SimMIM ViT: the shared table is copied to
-    every block (``key_map``) and resized to the new patch grid with its 3 cls rows kept."""
+    every block (``key_map``) and resized to the new patch grid with its 3 cls rows kept.
+
+    Returns ``{"loaded": int, "resized": [text], "missing": [keys initialised here], "unexpected": [checkpoint
+    keys ignored]}`` (see :func:`load_report_line`)."""
     from mim_lightning.checkpoints import resize_pos_embed, resize_rel_pos_bias
 
     model = classifier.model
@@ -501,6 +540,8 @@ def load_encoder(classifier: Classifier, state: Mapping[str, torch.Tensor], sour
     key_map = getattr(classifier, "key_map", None)
     state = dict(key_map(state) if key_map is not None else state)
     mode = getattr(classifier, "rel_pos_mode", "geometric")
+    resized: list[str] = []
+    tables: dict[tuple[int, int], int] = {}
     for key, value in list(state.items()):
         if key not in own or own[key].shape == value.shape:
             continue
@@ -508,16 +549,26 @@ def load_encoder(classifier: Classifier, state: Mapping[str, torch.Tensor], sour
             extra = int(getattr(classifier, "rel_pos_extra_rows", 0))  # BEiT-style tables end with 3 cls rows
             window = classifier.grid if extra else (math.isqrt(own[key].shape[0]) + 1) // 2
             state[key] = resize_rel_pos_bias(value, window, mode=mode, num_extra_tokens=extra)
+            pair = (int(value.shape[0]) - extra, int(own[key].shape[0]) - extra)
+            tables[pair] = tables.get(pair, 0) + 1
         elif key.endswith("relative_position_index"):
             state[key] = own[key]  # recomputed for the new window
         elif key.endswith("absolute_pos_embed") and value.shape[-1] == own[key].shape[-1]:
             state[key] = resize_pos_embed(value, classifier.grid, num_prefix_tokens=0)
-    state = {k: v for k, v in state.items() if not k.startswith(classifier.ignored_unexpected + ("head.", "fc_norm."))}
+            resized.append(f"{key} {_grid_text(value.shape[1])} -> {_grid_text(own[key].shape[1])}")
+    for (old, new), count in sorted(tables.items()):
+        resized.append(f"relative_position_bias_table x{count} window {_window_text(old)} -> {_window_text(new)}")
+    ignored = classifier.ignored_unexpected + ("head.", "fc_norm.")
+    unexpected = sorted(k for k in state if k.startswith(ignored))
+    state = {k: v for k, v in state.items() if not k.startswith(ignored)}
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         if state["pos_embed"].shape[-1] != own["pos_embed"].shape[-1]:
             raise ConfigError(source, "pos_embed " + str(tuple(state["pos_embed"].shape)),
                               f"an encoder of width {own['pos_embed'].shape[-1]} (the chosen backbone)",
                               "the checkpoint has another embedding width (another size)")
+        prefix = own["pos_embed"].shape[1] - classifier.grid[0] * classifier.grid[1]
+        resized.append(f"pos_embed {_grid_text(state['pos_embed'].shape[1] - prefix)} -> "
+                       f"{classifier.grid[0]}x{classifier.grid[1]}")
         state = {**state, "pos_embed": resize_pos_embed(state["pos_embed"], classifier.grid)}
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
@@ -533,6 +584,7 @@ def load_encoder(classifier: Classifier, state: Mapping[str, torch.Tensor], sour
     if result.unexpected_keys:
         raise ConfigError(source, f"unexpected key {result.unexpected_keys[0]}",
                           "an encoder with the chosen backbone's keys", "a checkpoint of another size or family")
+    return {"loaded": len(state), "resized": resized, "missing": sorted(result.missing_keys), "unexpected": unexpected}
 
 
 # --------------------------------------------------------------------------- the LightningModule
@@ -543,7 +595,7 @@ class FinetuneModule(pl.LightningModule):
 
     Args:
         model: the classifier; ``model(images) -> logits (B, num_classes)``.
-        num_classes: number of classes (top-5 is top-``min(5, num_classes)``).
+        num_classes: number of classes (top-5 is logged only with more than 5 classes).
         mode: ``finetune`` (all weights; layer-wise lr decay) or ``linear_probe`` (head only; LARS).
         layer_id, num_layers: the family's layer-id map; a parameter of layer ``i`` gets
             ``lr_scale = layer_decay ** (num_layers - i)``.
@@ -559,7 +611,9 @@ class FinetuneModule(pl.LightningModule):
             folded into the soft targets, ``SoftTargetCrossEntropy``); without mixing, label smoothing CE.
         batch_size: per-device batch (for the lr rule); config: the resolved run config (kept in checkpoints).
 
-    Logs ``finetune/train_loss``, ``train/lr``, ``finetune/val_loss``, ``finetune/val_top1``, ``finetune/val_top5``.
+    Logs ``finetune/train_loss``, ``train/lr``, ``finetune/val_loss``, ``finetune/val_top1``, ``finetune/val_top5``
+    (more than 5 classes). Held-out items marked ``valid: False`` (an unreadable image's stand-in) are left out of
+    the validation metrics. At the end of fitting the last and best ``finetune/val_top1`` are printed.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, mode: str = "finetune",
@@ -604,7 +658,10 @@ class FinetuneModule(pl.LightningModule):
             self.train_criterion = nn.CrossEntropyLoss()
         self.no_weight_decay_keys = tuple(no_weight_decay_keys)
         self.top1 = MulticlassAccuracy(num_classes=self.num_classes, top_k=1, average="micro")
-        self.top5 = MulticlassAccuracy(num_classes=self.num_classes, top_k=min(5, self.num_classes), average="micro")
+        # top-k only where it can miss: with k >= num_classes every prediction is a top-k hit
+        self.top5 = (MulticlassAccuracy(num_classes=self.num_classes, top_k=5, average="micro")
+                     if self.num_classes > 5 else None)
+        self.val_top1_history: list[tuple[int, float]] = []
         self.save_hyperparameters(ignore=["model", "optimizer", "layer_id"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -629,12 +686,41 @@ class FinetuneModule(pl.LightningModule):
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         logits = self.model(batch["images"])
         labels = batch["label"]
+        valid = batch.get("valid")
+        if valid is not None and not bool(valid.all()):  # stand-ins for unreadable images: not scored
+            logits, labels = logits[valid], labels[valid]
         size = labels.shape[0]
+        if size == 0:
+            return
         self.top1(logits, labels)
-        self.top5(logits, labels)
         self.log("finetune/val_loss", nn.functional.cross_entropy(logits, labels), sync_dist=True, batch_size=size)
         self.log("finetune/val_top1", self.top1, prog_bar=True, batch_size=size)
-        self.log("finetune/val_top5", self.top5, batch_size=size)
+        if self.top5 is not None:
+            self.top5(logits, labels)
+            self.log("finetune/val_top5", self.top5, batch_size=size)
+
+    def on_validation_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        value = self.trainer.callback_metrics.get("finetune/val_top1")
+        if value is not None:
+            self.val_top1_history.append((int(self.current_epoch), float(value)))
+
+    def on_fit_end(self) -> None:
+        """One line with the last and the best validation top-1 of the run (rank 0)."""
+        if not self.val_top1_history:
+            return
+        epoch, last = self.val_top1_history[-1]
+        best_epoch, best = max(self.val_top1_history, key=lambda item: (item[1], -item[0]))
+        runlog.info(f"{self.mode}: finetune/val_top1 final {last:.4f} (epoch {epoch}), best {best:.4f} "
+                    f"(epoch {best_epoch})")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault("mim_lightning", {})["val_top1_history"] = list(self.val_top1_history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        history = (checkpoint.get("mim_lightning") or {}).get("val_top1_history") or []
+        self.val_top1_history = [(int(e), float(v)) for e, v in history]
 
     # ------------------------------------------------------------------ optimizer
     def effective_batch_size(self) -> int:
@@ -760,7 +846,7 @@ def build_finetune_module(cfg: DictConfig, num_classes: int | None = None) -> Fi
     if cfg.get("pretrained"):
         state = read_pretrained(cfg.pretrained, method_name(cfg), str(cfg.method.model._target_),
                                 str(recipe.get("encoder_prefix", "model.encoder.")), backbone=cfg.backbone)
-        load_encoder(classifier, state)
+        runlog.info(load_report_line(load_encoder(classifier, state), cfg.pretrained))
     if probe:
         for param in classifier.model.parameters():
             param.requires_grad = False
