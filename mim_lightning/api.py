@@ -31,6 +31,10 @@ def build_mask_generator(cfg: DictConfig) -> MaskGenerator | None:
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     """The ``data`` group's DataModule, with the ``mask`` group's generator in its transforms."""
+    source = str(((cfg.data.get("source") or {}).get("_target_")) or "")
+    if source.endswith("DemoSource") and cfg.data.get("root"):
+        raise ConfigError("data.root", str(cfg.data.root), "data=folder (or data=imagefolder) together with data.root",
+                          "data=demo (the embedded photos) reads no folder")
     return instantiate_checked(cfg.data, mask_generator=build_mask_generator(cfg))
 
 
@@ -271,6 +275,13 @@ def fit_run(cfg: DictConfig, make_datamodule, make_module, log_name: str = "trai
         save_run_config(cfg, cfg.run_dir, resuming=ckpt_path is not None)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except Exception as exc:  # noqa: BLE001 - recorded in the run log (sweep reports read it), then re-raised
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exc, SIGTERMException):
+            runlog.error(f"run failed at step {trainer.global_step}: {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:500]}")
+        raise
     finally:
         finish_wandb_runs(trainer)
     return trainer

@@ -76,9 +76,8 @@ def precheck(app: str, argv: list[str]) -> None:
 def prepare_argv(app: str, argv: list[str]) -> list[str]:
     """Normalize ``group=null``, add the demo experiment where it applies, and check choices and keys."""
     argv = normalize_overrides(argv)
-    flags = [a for a in argv if a.startswith("-") or a.startswith(("hydra.", "hydra/"))]
-    overrides = [a for a in argv if a not in flags]
-    argv = [*flags, *with_default_experiment(app, overrides)]
+    added = with_default_experiment(app, _overrides(argv))[: -len(_overrides(argv)) or None]
+    argv = [*added, *argv]  # experiment=demo first: flags keep their values (--cfg job)
     check_argv(argv, app)
     precheck(app, argv)
     return argv

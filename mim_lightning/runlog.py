@@ -36,6 +36,12 @@ def warning(message: str) -> None:
     logger.warning(message)
 
 
+@rank_zero_only
+def error(message: str) -> None:
+    """An error line on rank 0 (console and run log file), e.g. why a run failed."""
+    logger.error(message)
+
+
 def _has_file_handler_for(path: Path) -> bool:
     for handler in [*_root_handlers(), *logger.handlers]:
         filename = getattr(handler, "baseFilename", None)

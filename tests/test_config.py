@@ -26,8 +26,9 @@ def test_design_contract_api(tmp_path):
     cfg = compose("pretrain", ["method=mae", "backbone=vit_b", "backbone.depth=1", f"run_dir={tmp_path}"])
     module = build_pretrain_module(cfg)
     assert isinstance(module.model, torch.nn.Module)
-    out = module.model(torch.randn(1, 3, 64, 64))
-    assert out.pred.shape == (1, 3, 64, 64) and out.mask.shape == (1, 4, 4)
+    assert cfg.data.image_size == 224  # the method's own size: the demo's 64 px does not leak in
+    out = module.model(torch.randn(1, 3, 224, 224))
+    assert out.pred.shape == (1, 3, 224, 224) and out.mask.shape == (1, 14, 14)
     assert module.hparams.config["backbone"]["name"] == "vit_b"
 
 
@@ -99,10 +100,13 @@ def test_data_options_build(option, tmp_path, image_folder, class_folder, fashio
         overrides.append(f"data.root={root}")
     if option == "fashion_mnist":
         overrides.append(f"data.source.raw_dir={fashion_mnist_raw}")
-    dm = build_datamodule(compose("pretrain", overrides))
+    cfg = compose("pretrain", overrides)
+    size = cfg.data.image_size  # MAE's 224 (ViT-B/16: 14x14 patches); Fashion-MNIST declares its own 32
+    assert size == (32 if option == "fashion_mnist" else 224)
+    dm = build_datamodule(cfg)
     dm.setup("fit")
     item = dm.train_dataset[(0, 0)]
-    assert item["images"].shape == (3, 64, 64) and item["mask"].shape == (8, 8)
+    assert item["images"].shape == (3, size, size) and item["mask"].shape == (size // 16, size // 16)
     assert ("label" in item) == (option in ("imagefolder", "fashion_mnist"))
 
 

@@ -84,7 +84,8 @@ def test_urls_and_pipe_commands_read_like_local_shards(shards):
 
 def test_shard_samples_get_the_same_crops_and_masks_as_folder_data(shards, image_folder):
     """Same transform, same (seed, epoch, index) seeding: sample i of the shards is file i of the folder."""
-    cfg = compose("pretrain", ["data=webdataset", f"data.urls={shards}", "data.image_size=32", "data.seed=3"])
+    cfg = compose("pretrain", ["data=webdataset", f"data.urls={shards}", "data.image_size=32", "data.seed=3",
+                                 "data.batch_size=4", "data.num_workers=0"])
     module = build_datamodule(cfg)
     module.setup("fit")
     folder = ImageDataset(ImageFolderSource(str(image_folder)).samples(), module.train_transform, seed=3)

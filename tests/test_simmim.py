@@ -333,5 +333,5 @@ def test_cli_fast_dev_run_with_swin_t(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in output
-    # the default experiment (demo) sets base 8e-3; SimMIM's rule divides by 512: 8e-3 * 4 / 512
-    assert "effective batch 4 = 4 per device x 1 devices x 1 accumulation; lr 6.25e-05" in output
+    # SimMIM's own base lr 2e-4 (no demo values), divided by 512: 2e-4 * 4 / 512
+    assert "effective batch 4 = 4 per device x 1 devices x 1 accumulation; lr 1.56e-06" in output

@@ -42,6 +42,8 @@ Differences from the official code (same function, different kernels):
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -90,7 +92,11 @@ def official_resampled_pos_embed(table: torch.Tensor, grid: tuple[int, int]) -> 
     gh, gw = grid
     dim = table.shape[-1]
     work = torch.promote_types(table.dtype, torch.float32)
-    with torch.autocast(device_type=table.device.type, enabled=False):
+    device = table.device.type
+    # autocast knows real devices only (a meta-device model, e.g. for FLOP counting, has none to turn off)
+    no_autocast = torch.autocast(device_type=device, enabled=False) if device in ("cpu", "cuda", "xpu", "mps") \
+        else contextlib.nullcontext()
+    with no_autocast:
         x = table.to(work).reshape(1, gh, gw, dim).permute(0, 3, 1, 2)
         x = F.interpolate(x, scale_factor=((gh + 0.1) / gh, (gw + 0.1) / gw), mode="bicubic", align_corners=False)
     # floor(g * (g + 0.1) / g) == g for every g >= 1, so the shape always comes back
