@@ -57,7 +57,8 @@ def _is_multirun(argv: list[str]) -> bool:
 
 def _overrides(argv: list[str]) -> list[str]:
     """The ``key=value`` / ``group=option`` arguments (no flags, no Hydra's own settings)."""
-    return [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))]
+    return [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/"))
+            and ("=" in a or a.startswith("~"))]
 
 
 def precheck(app: str, argv: list[str]) -> None:
@@ -76,8 +77,11 @@ def precheck(app: str, argv: list[str]) -> None:
 def prepare_argv(app: str, argv: list[str]) -> list[str]:
     """Normalize ``group=null``, add the demo experiment where it applies, and check choices and keys."""
     argv = normalize_overrides(argv)
-    added = with_default_experiment(app, _overrides(argv))[: -len(_overrides(argv)) or None]
-    argv = [*added, *argv]  # experiment=demo first: flags keep their values (--cfg job)
+    overrides = _overrides(argv)
+    added = with_default_experiment(app, overrides)[: len(with_default_experiment(app, overrides)) - len(overrides)]
+    # among the other overrides (argparse wants them together: "-m a=1 b=2"), else last (after "--cfg job")
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(argv))
+    argv = [*argv[:at], *added, *argv[at:]]
     check_argv(argv, app)
     precheck(app, argv)
     return argv

@@ -14,7 +14,7 @@ import pytest
 
 from mim_lightning import compose
 
-from .conftest import write_images
+from conftest import write_images
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -30,7 +30,7 @@ NOT_RUN = {
 }
 #: Marks of a command that needs hardware or data this machine does not have: composed, not run.
 NEEDS_MORE = ("experiment=", "trainer=gpu", "trainer=ddp", "trainer=fsdp", "trainer.devices=", "trainer.num_nodes=",
-              "hydra/launcher=", "--device cuda", "data=hf", "<same arguments>", "teacher.checkpoint=", "pretrained=")
+              "hydra/launcher=", "--device cuda", "data=hf", "<same ", "teacher.checkpoint=", "pretrained=")
 
 
 def bash_commands() -> list[str]:
@@ -67,7 +67,8 @@ def substitute(command: str, folders: dict[str, Path], checkpoint: Path | None =
     command = command.replace("/tmp/q", str(folders["root"] / "q"))
     command = re.sub(r"/(?:data|path/to)/[\w./-]+", str(folders["classes"]), command)
     command = re.sub(r"=\.\.\.(?=\s|$)", f"={folders['classes']}", command)
-    return command
+    command = re.sub(r"<same [^>]*>", "", command)  # "the same overrides as before": the rest must compose
+    return re.sub(r"<[^>]+>", str(folders["root"] / "placeholder"), command)
 
 
 def app_arguments(command: str) -> tuple[str, list[str]] | None:
@@ -76,7 +77,8 @@ def app_arguments(command: str) -> tuple[str, list[str]] | None:
     if match is None:
         return None
     app = "pretrain" if match.group(1) == "train" else "finetune"
-    args = [a for a in shlex.split(match.group(2)) if a not in ("-m", "--multirun") and not a.startswith("hydra")]
+    args = [a for a in shlex.split(match.group(2))
+            if a not in ("-m", "--multirun", "...") and not a.startswith("hydra")]
     first_points = []
     for arg in args:
         key, sep, value = arg.partition("=")
@@ -86,12 +88,32 @@ def app_arguments(command: str) -> tuple[str, list[str]] | None:
     return app, first_points
 
 
-def run(command: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(command: str, cwd: Path, monkeypatch, timeout: int = 300) -> tuple[int, str]:
+    """Run a README command: the mim_lightning entry points in this process (as ``python -m`` would, without
+    paying the import of torch and Lightning per command), everything else as a subprocess."""
+    import contextlib
+    import importlib
+    import io
+
     args = shlex.split(command)
+    if args[:2] == ["python", "-m"] and args[2].startswith("mim_lightning."):
+        module = importlib.import_module(args[2])
+        stderr = io.StringIO()
+        code = 0
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", [args[2], *args[3:]])
+            patch.chdir(cwd)
+            try:
+                with contextlib.redirect_stderr(stderr):
+                    module.main()
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        return code, stderr.getvalue()
     if args[0] == "python":
         args[0] = sys.executable
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return result.returncode, result.stderr
 
 
 def is_run(command: str) -> bool:
@@ -106,7 +128,7 @@ def test_every_command_is_classified_and_every_app_command_composes(folders):
     composed = 0
     for command in commands:
         arguments = app_arguments(substitute(command, folders))
-        if arguments is not None and "<same arguments>" not in command:
+        if arguments is not None:
             app, overrides = arguments
             compose(app, overrides)  # raises ConfigError on a key or option that no longer exists
             composed += 1
@@ -118,35 +140,49 @@ def test_every_command_is_classified_and_every_app_command_composes(folders):
     assert composed > 25
 
 
-def test_the_cpu_commands_run(folders, tmp_path):
-    """Every command that this 2-core CPU can run: train and finetune commands with fast_dev_run=2 (and batch 2),
-    then the scripts and the export on what they wrote, in README order."""
-    cwd = tmp_path
-    checkpoint = None
-    ran = []
-    for command in bash_commands():
-        if not is_run(command):
-            continue
-        line = substitute(command, folders, checkpoint)
-        if "-m mim_lightning.train" in line or "-m mim_lightning.finetune" in line:
-            line += " trainer.fast_dev_run=2 trainer.enable_progress_bar=false"
-            if "data.root=" in line:
-                line += " data.batch_size=2 data.num_workers=0"  # 224 px ViT-B on 2 cores: a small batch
-            if " -m " not in line.split("mim_lightning.")[1] and "run_dir=" not in line:
-                line += f" run_dir={cwd / f'run{len(ran)}'}"
-        if "mim_lightning.export" in line and checkpoint is None:
-            continue  # no checkpoint yet: nothing to export
-        result = run(line, cwd)
-        assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
-        ran.append(command)
-        if "-m mim_lightning.train" in line and checkpoint is None and "run_dir=" in line:
-            folder = Path(line.split("run_dir=")[1].split()[0])
-            found = folder / "checkpoints" / "last.ckpt"
-            checkpoint = found if found.is_file() else None
-    assert any(c.strip() == "python -m mim_lightning.train" for c in ran), "the demo command must run"
-    assert any("mim_lightning.export" in c for c in ran)
-    assert any("sweep_report" in c for c in ran) and any("visualize_masks" in c for c in ran)
-    assert len(ran) >= 12
+RUN_COMMANDS = list(dict.fromkeys(c for c in bash_commands() if is_run(c)))  # README order, each once
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> dict:
+    """One working folder for the CPU commands, in README order: later ones (export, sweep report) read what
+    earlier ones wrote."""
+    return {"cwd": tmp_path_factory.mktemp("readme_cwd"), "checkpoint": None, "ran": []}
+
+
+def test_the_cpu_command_list_covers_the_readme():
+    assert "python -m mim_lightning.train" in RUN_COMMANDS, "the demo command must run"
+    for needle in ("mim_lightning.export", "sweep_report", "visualize_masks", "make_shards", "method=itpn_clip"):
+        assert any(needle in c for c in RUN_COMMANDS), needle
+    assert len(RUN_COMMANDS) >= 12
+
+
+#: Commands on your own images run the paper-size encoders (ViT-B, Swin-B at 224 px): minutes on 2 cores, so they
+#: run with ``make test-all`` (marked slow); the fast suite composes them (above) and runs every other one.
+RUN_PARAMS = [pytest.param(c, marks=pytest.mark.slow) if "data.root=" in c else c for c in RUN_COMMANDS]
+
+
+@pytest.mark.parametrize("command", RUN_PARAMS)
+def test_the_cpu_commands_run(command, folders, workdir, monkeypatch):
+    """Every command that this 2-core CPU can run: train and finetune commands with fast_dev_run=2 (224 px
+    ones with batch 2), then the scripts and the export on what they wrote."""
+    cwd = workdir["cwd"]
+    line = substitute(command, folders, workdir["checkpoint"])
+    line = re.sub(r"^python (scripts/)", rf"python {REPO}/\1", line)
+    if "-m mim_lightning.train" in line or "-m mim_lightning.finetune" in line:
+        line += " trainer.fast_dev_run=2 trainer.enable_progress_bar=false"
+        if "data.root=" in line:
+            line += " data.batch_size=2 data.num_workers=0"  # 224 px ViT-B on 2 cores: a small batch
+        if " -m " not in line.split("mim_lightning.")[1] and "run_dir=" not in line:
+            line += f" run_dir={cwd / ('run%d' % len(workdir['ran']))}"
+    if "mim_lightning.export" in line:
+        assert workdir["checkpoint"] is not None, "an earlier README command writes the checkpoint to export"
+    code, stderr = run(line, cwd, monkeypatch)
+    assert code == 0, f"{line}\n{stderr[-3000:]}"
+    workdir["ran"].append(command)
+    if "-m mim_lightning.train" in line and workdir["checkpoint"] is None and "run_dir=" in line:
+        found = Path(line.split("run_dir=")[1].split()[0]) / "checkpoints" / "last.ckpt"
+        workdir["checkpoint"] = found if found.is_file() else None
 
 
 def test_every_python_block_runs(tmp_path, monkeypatch):

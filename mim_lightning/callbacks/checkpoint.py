@@ -71,6 +71,9 @@ class RunCheckpoint(ModelCheckpoint):
             self.keep_last_k = check_keep_last_k(keep_last_k)
             # Lightning writes every snapshot (or none); the pruning is ours
             lightning_top_k = 0 if self.keep_last_k == 0 else -1
+        # last.ckpt always names the newest checkpoint: no last-v1.ckpt beside a last.ckpt that a copied or
+        # moved run folder brought along (Lightning would not overwrite a file it did not write itself)
+        kwargs.setdefault("enable_version_counter", False)
         super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, save_top_k=lightning_top_k, **kwargs)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
