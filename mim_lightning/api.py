@@ -131,8 +131,9 @@ def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
     """
     node = cfg.trainer.get("strategy", "auto")
     strategy = str(node.get("_target_", "")) if isinstance(node, DictConfig) else str(node)
-    # FSDP writes sharded checkpoint folders through its own checkpoint IO
-    plugins = [] if "fsdp" in strategy.lower() else [AtomicCheckpointIO()]
+    # FSDP1 (trainer=fsdp1) writes its folders through its own checkpoint IO; FSDP2 (trainer=fsdp) writes sharded
+    # folders atomically itself (FSDP2Strategy.save_checkpoint) and single files through AtomicCheckpointIO
+    plugins = [] if strategy.endswith("FSDPStrategy") else [AtomicCheckpointIO()]
     loggers = build_loggers(cfg)
     kwargs = dict(callbacks=build_callbacks(cfg), logger=loggers if loggers else False, plugins=plugins,
                   use_distributed_sampler=False)
@@ -172,7 +173,7 @@ def check_resume_keeps_run(cfg: DictConfig, ckpt_path: str) -> None:
     restores the stored config first, see :mod:`mim_lightning.resume`)."""
     from mim_lightning.resume import checkpoint_config, identity_differences, move_paths, refuse_changes
 
-    if cfg.get("resume_force", False) or Path(ckpt_path).is_dir():
+    if cfg.get("resume_force", False):
         return
     stored = checkpoint_config(ckpt_path)
     if not stored:
@@ -218,11 +219,12 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 def continue_wandb_run(cfg: DictConfig, ckpt_path: str) -> None:
     """Point the W&B logger at the run id stored in the checkpoint, so a resume continues that run."""
     node = (cfg.get("logger") or {}).get("wandb")
-    if node is None or node.get("id") or Path(ckpt_path).is_dir():  # sharded checkpoints: no single file to read
+    if node is None or node.get("id"):
         return
     import torch
 
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("mim_lightning", {})
+    source = Path(ckpt_path) / "meta.pt" if Path(ckpt_path).is_dir() else ckpt_path  # sharded: the metadata file
+    state = torch.load(source, map_location="cpu", weights_only=False, mmap=True).get("mim_lightning", {})
     if state.get("wandb_id"):
         from omegaconf import open_dict
 

@@ -71,12 +71,16 @@ def _fsync_folder(folder: Path) -> None:
 
 def remove_temp_files(folder: str | os.PathLike) -> list[tuple[Path, int]]:
     """Delete the temporary files that interrupted saves left in ``folder`` (only names matching
-    ``TEMP_PATTERN``); returns each deleted path with its size in bytes. Call it before the run's first save."""
+    ``TEMP_PATTERN``, files or sharded-checkpoint folders; a ``OLD_PATTERN`` folder whose checkpoint is missing is
+    renamed back); returns each deleted path with its size in bytes. Call it before the run's first save."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for path in sorted(folder.iterdir()):
+        if path.is_dir() and not path.is_symlink() and (TEMP_PATTERN.match(path.name) or OLD_PATTERN.match(path.name)):
+            removed.extend(_settle_folder(path))
+            continue
         if not TEMP_PATTERN.match(path.name) or path.is_symlink() or not path.is_file():
             continue
         try:
@@ -88,17 +92,41 @@ def remove_temp_files(folder: str | os.PathLike) -> list[tuple[Path, int]]:
     return removed
 
 
+#: A sharded checkpoint folder moved aside while its replacement was renamed in (``FSDP2Strategy.save_checkpoint``).
+OLD_PATTERN = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.old$")
+
+
+def _settle_folder(path: Path) -> list[tuple[Path, int]]:
+    """A temporary folder of an interrupted sharded save is deleted; a replaced one (``.old``) is deleted, or put
+    back under its name when a crash came between the two renames and that name is missing."""
+    import shutil
+
+    old = OLD_PATTERN.match(path.name)
+    if old is not None and not (path.parent / old.group("target")).exists():
+        os.replace(path, path.parent / old.group("target"))
+        return []
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    shutil.rmtree(path, ignore_errors=True)
+    return [(path, size)]
+
+
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` is not a usable checkpoint (missing, empty, truncated, corrupt), or None if it loads.
 
-    A sharded FSDP checkpoint (a ``*.ckpt`` folder holding ``meta.pt``) counts as usable without loading it.
+    A sharded checkpoint (a ``*.ckpt`` folder holding ``meta.pt``; for FSDP2 also the distributed checkpoint's
+    ``.metadata``) counts as usable without loading the shards.
     """
     import zipfile
 
     path = Path(path)
     if path.is_dir():
-        # a sharded (FSDP) checkpoint: a folder with Lightning's metadata file and one shard per rank
-        return None if (path / "meta.pt").is_file() else "a folder that is not a sharded checkpoint (no meta.pt)"
+        # a sharded checkpoint: Lightning's meta.pt, one shard per rank and (torch distributed checkpoint, FSDP2)
+        # the .metadata index written when every shard is complete
+        if not (path / "meta.pt").is_file():
+            return "a folder that is not a sharded checkpoint (no meta.pt)"
+        if any(path.glob("*.distcp")) and not (path / ".metadata").is_file():
+            return "an incomplete sharded checkpoint (no .metadata index)"
+        return None
     if not path.is_file():
         return "no such file"
     if path.stat().st_size == 0:

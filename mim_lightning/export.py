@@ -193,14 +193,21 @@ def load_exported(path: str | Path) -> torch.nn.Module:
 
 
 def export(ckpt: str | Path, out: str | Path) -> dict[str, str]:
-    """Write the encoder of Lightning checkpoint ``ckpt`` to ``out`` (safetensors); returns the metadata."""
+    """Write the encoder of Lightning checkpoint ``ckpt`` (a file, or the sharded folder of a ``trainer=fsdp`` run,
+    which gives the same encoder as a DDP checkpoint of the same weights) to ``out`` (safetensors); returns the metadata."""
     from safetensors.torch import save_file
 
     path = Path(str(ckpt)).expanduser()
-    if not path.is_file():
+    if path.is_dir():  # the sharded checkpoint folder of a trainer=fsdp run: read whole on this one process
+        from mim_lightning.parallel import is_sharded_checkpoint, load_sharded
+
+        if not is_sharded_checkpoint(path):
+            raise ConfigError("ckpt", str(ckpt), "a Lightning checkpoint (.ckpt file or sharded checkpoint folder)",
+                              "a folder without meta.pt and .metadata")
+    elif not path.is_file():
         raise ConfigError("ckpt", str(ckpt), "an existing Lightning checkpoint (.ckpt)", "no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_sharded(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError("ckpt", str(ckpt), "a Lightning checkpoint (.ckpt)", f"cannot be read ({type(exc).__name__})") from None
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
@@ -215,7 +222,8 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, str]:
 
 
 USAGE = ("usage: python -m mim_lightning.export ckpt=<checkpoint.ckpt> out=<encoder.safetensors>\n\n"
-         "Writes the encoder of a pretraining or finetuning checkpoint: timm-keyed safetensors for ViT and Swin\n"
+         "Writes the encoder of a pretraining or finetuning checkpoint (a .ckpt file or a trainer=fsdp sharded\n"
+         "checkpoint folder): timm-keyed safetensors for ViT and Swin\n"
          "(load with timm.create_model(..., checkpoint_path=out)), the project's own format for the others\n"
          "(load with mim_lightning.export.load_exported(out)). The command prints how to load the file.")
 

@@ -99,7 +99,7 @@ def stored_config(run_dir: str | Path, checkpoint: str | Path | None = None) -> 
 
     run_dir = Path(run_dir)
     path = Path(checkpoint) if checkpoint else last_checkpoint(run_dir / "checkpoints")
-    if path is not None and Path(path).is_file():
+    if path is not None and Path(path).exists():
         config = checkpoint_config(path)
         if config:
             return config
@@ -111,9 +111,10 @@ def stored_config(run_dir: str | Path, checkpoint: str | Path | None = None) -> 
 
 
 def checkpoint_config(path: str | Path) -> dict | None:
-    """``hyper_parameters.config`` of a Lightning checkpoint file (without ``run_info``), or None."""
+    """``hyper_parameters.config`` of a Lightning checkpoint file or sharded folder (without ``run_info``), or None."""
     import torch
 
+    path = Path(path) / "meta.pt" if Path(path).is_dir() else path  # a sharded checkpoint keeps its config there
     try:
         content = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
     except Exception:  # noqa: BLE001 - an unreadable file has no config; the caller falls back

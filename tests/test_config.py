@@ -159,7 +159,7 @@ def test_command_line_group_choice_beats_the_experiment(tmp_path):
 @pytest.mark.parametrize("override,pattern", [
     ("method=nope", r"method='nope': no option 'nope' in conf/method/; allowed: .*mae"),
     ("backbone=vit_q", r"backbone='vit_q'.*allowed: .*vit_b"),
-    ("trainer=tpu", r"trainer='tpu'.*allowed: auto, cpu, ddp, fsdp, gpu"),
+    ("trainer=tpu", r"trainer='tpu'.*allowed: auto, cpu, ddp, fsdp, fsdp1, gpu"),
     ("mask=random,bogus", r"mask='bogus'"),
 ])
 def test_unknown_group_option_is_a_one_line_error(override, pattern):

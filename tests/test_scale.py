@@ -325,7 +325,7 @@ def test_fsdp_wraps_one_unit_per_block_of_every_method(tmp_path):
     from mim_lightning.config import group_options
     from test_config import TINY_FAMILY, method_families
 
-    cfg = compose("pretrain", ["trainer=fsdp", f"run_dir={tmp_path}"])
+    cfg = compose("pretrain", ["trainer=fsdp1", f"run_dir={tmp_path}"])  # the legacy FSDP1 config (tests/test_fsdp.py: FSDP2)
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.strategy.state_dict_type == "sharded"
     strategy = instantiate(cfg.trainer.strategy)
     classes = tuple(strategy.kwargs["auto_wrap_policy"]._module_classes)
@@ -336,7 +336,7 @@ def test_fsdp_wraps_one_unit_per_block_of_every_method(tmp_path):
                                                                f"run_dir={tmp_path}"])).model
             wrapped = [m for m in model.modules() if isinstance(m, classes)]
             assert wrapped, f"{method}/{family}: no FSDP unit"
-    switched = compose("pretrain", ["trainer=fsdp",
+    switched = compose("pretrain", ["trainer=fsdp1",
                                     "+trainer.strategy.activation_checkpointing_policy=${trainer.strategy.auto_wrap_policy}"])
     assert instantiate(switched.trainer.strategy)._activation_checkpointing_kwargs
 
@@ -344,7 +344,7 @@ def test_fsdp_wraps_one_unit_per_block_of_every_method(tmp_path):
 def test_fsdp_on_cpu_is_a_one_line_config_error(tmp_path):
     from mim_lightning.api import build_trainer
 
-    cfg = compose("pretrain", ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1", f"run_dir={tmp_path}"])
+    cfg = compose("pretrain", ["trainer=fsdp1", "trainer.accelerator=cpu", "trainer.devices=1", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="requires a GPU"):
         build_trainer(cfg)
 

@@ -434,7 +434,8 @@ def read_pretrained(path: str | Path, method: str, method_target: str | None = N
                     ) -> dict[str, torch.Tensor]:
     """The encoder weights in ``path``, with the encoder's own (timm) key names.
 
-    ``path`` is a pretraining checkpoint of this project (``.ckpt``: the ``model.encoder.*`` keys; the stored
+    ``path`` is a pretraining checkpoint of this project (``.ckpt`` file, or the sharded folder of a
+    ``trainer=fsdp`` run: the ``model.encoder.*`` keys; the stored
     config must name the same model class ``method_target``), an official checkpoint of ``method`` (``.pth``,
     converted with :func:`mim_lightning.checkpoints.convert_official`) or an exported encoder
     (``.safetensors``). A missing file, a checkpoint of another method or (for project checkpoints) of another
@@ -443,7 +444,7 @@ def read_pretrained(path: str | Path, method: str, method_target: str | None = N
     from mim_lightning.checkpoints import convert_official
 
     file = Path(str(path)).expanduser()
-    if not file.is_file():
+    if not file.is_file() and not file.is_dir():
         raise ConfigError("pretrained", str(path), "an existing .ckpt, .pth or .safetensors file", "no such file")
     if file.suffix == ".safetensors":
         from safetensors import safe_open
@@ -457,7 +458,17 @@ def read_pretrained(path: str | Path, method: str, method_target: str | None = N
         # exports hold the encoder's own (official) names, except Swin in timm's layout: map it back
         return timm_to_swin(state) if meta.get("format") == "timm" and meta.get("family") == "swin" else state
     try:
-        content = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        if file.is_dir():  # a sharded (trainer=fsdp) checkpoint folder, read whole on this one process
+            from mim_lightning.parallel import is_sharded_checkpoint, load_sharded
+
+            if not is_sharded_checkpoint(file):
+                raise ConfigError("pretrained", str(path), "a .ckpt file or a sharded checkpoint folder (trainer=fsdp)",
+                                  "a folder without meta.pt and .metadata")
+            content = load_sharded(file)
+        else:
+            content = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
         raise ConfigError("pretrained", str(path), "a checkpoint written by torch.save",
                           f"cannot be read ({type(exc).__name__})") from None
@@ -667,6 +678,13 @@ class FinetuneModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` shard the classifier with FSDP2 (one unit per block; :mod:`mim_lightning.parallel`);
+        nothing under other strategies. Layer-decay groups use the names taken before sharding (unchanged by FSDP2)."""
+        from mim_lightning.parallel import shard_module
+
+        shard_module(self)
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch["images"], batch["label"]
         targets = labels
@@ -724,7 +742,9 @@ class FinetuneModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
     def effective_batch_size(self) -> int:
-        return self.batch_size * self.trainer.world_size * int(self.trainer.accumulate_grad_batches)
+        from mim_lightning.parallel import data_parallel_size
+
+        return self.batch_size * data_parallel_size(self.trainer) * int(self.trainer.accumulate_grad_batches)
 
     def learning_rate(self) -> float:
         if self.lr_config["value"] is not None:
@@ -767,7 +787,9 @@ class FinetuneModule(pl.LightningModule):
 
             optimizer = Lars(groups, lr=lr, momentum=0.9, trust_coeff=0.001)
         elif callable(self.optimizer_factory):
-            optimizer = make_optimizer(self.optimizer_factory, groups, lr, self.device)  # fused AdamW on CUDA
+            from mim_lightning.parallel import optimizer_device
+
+            optimizer = make_optimizer(self.optimizer_factory, groups, lr, optimizer_device(self))  # fused AdamW on CUDA
         else:
             raise ConfigError("finetune.optimizer", self.optimizer_factory, "lars or an optimizer _target_ (AdamW)")
         warmup, total = self.schedule_steps()

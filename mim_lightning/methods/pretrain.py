@@ -124,6 +124,13 @@ class PretrainModule(pl.LightningModule):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None):
         return self.model(images, mask=mask)
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` shard the model with FSDP2 (one unit per block; :mod:`mim_lightning.parallel`);
+        nothing under other strategies."""
+        from mim_lightning.parallel import shard_module
+
+        shard_module(self)
+
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move the batch to ``device`` except its ``mask``, which the model copies itself without blocking
         (see the class docstring); a pinned host mask makes that copy asynchronous."""
@@ -185,8 +192,11 @@ class PretrainModule(pl.LightningModule):
 
     def gradient_norm(self) -> torch.Tensor | None:
         """The total 2-norm of the model's gradients (``train/grad_norm``), None before any backward."""
+        from mim_lightning.parallel import full_tensor
+
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else None
+        # FSDP2: the norm of the sharded gradients is a DTensor; its full value is the same on every rank
+        return full_tensor(torch.nn.utils.get_total_norm(grads)) if grads else None
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
@@ -254,8 +264,10 @@ class PretrainModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
     def effective_batch_size(self) -> int:
+        from mim_lightning.parallel import data_parallel_size
+
         trainer = self.trainer
-        return self.batch_size * trainer.world_size * int(trainer.accumulate_grad_batches)
+        return self.batch_size * data_parallel_size(trainer) * int(trainer.accumulate_grad_batches)
 
     def batch_factor(self) -> float:
         """``effective_batch / base_batch_size``: the factor of the linear scaling rule."""
@@ -290,7 +302,9 @@ class PretrainModule(pl.LightningModule):
     def configure_optimizers(self):
         lr = self.learning_rate()
         groups = param_groups(self.model, self.weight_decay, exempt=self._no_decay_names)
-        optimizer = make_optimizer(self.optimizer_factory, groups, lr, self.device)  # fused AdamW on CUDA
+        from mim_lightning.parallel import optimizer_device
+
+        optimizer = make_optimizer(self.optimizer_factory, groups, lr, optimizer_device(self))  # fused AdamW on CUDA
         warmup, total = self.schedule_steps()
         min_lr, start_lr = self.min_and_warmup_start_lr()
         start_factor = start_lr / lr if lr > 0 else 0.0
