@@ -90,7 +90,9 @@ def main() -> None:
     elif scenario == "others":
         for method, backbone, size, extra in [
                 ("mixmae", "swin_test", 64, ["trainer.strategy.activation_checkpointing=true"]),
-                ("itpn_clip", "hivit_test", 64, [])]:
+                ("itpn_clip", "hivit_test", 64, []),
+                ("simmim", "swin_test", 64, []),  # the recipe's gradient clipping (5.0) on sharded gradients
+                ("itpn", "hivit_test", 64, [])]:
             trainer = timed(method, lambda: pretrain(compose("pretrain", [
                 *pretrain_args(out / method, images, f"method={method}", f"backbone={backbone}",
                                f"data.image_size={size}", "trainer.max_steps=2"), *FSDP, *extra])))

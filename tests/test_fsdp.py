@@ -111,6 +111,7 @@ def test_encoder_exported_from_the_sharded_folder_equals_the_ddp_runs(runs, tmp_
 def test_mixmae_itpn_clip_and_finetuning_with_ema_train_under_fsdp2(runs):
     out, _, others = runs
     assert others["mixmae_steps"] == 2 and others["itpn_clip_steps"] == 2 and others["finetune_steps"] == 2
+    assert others["simmim_steps"] == 2 and others["itpn_steps"] == 2
     # the frozen CLIP teacher is neither sharded nor optimized, and not in the checkpoint
     assert others["teacher_params_sharded"] is False and others["teacher_in_optimizer"] is False
     clip = sharded_state(out / "itpn_clip" / "checkpoints" / "last.ckpt")
