@@ -39,6 +39,7 @@ def test_the_first_logged_step_drops_the_later_rows_and_a_cut_off_row(tmp_path):
 
 def resume_overrides(folder, run_dir, *extra):
     return tiny_overrides(run_dir, "experiment=null", "data=folder", f"data.root={folder}", "data.val_fraction=0.25",
+                          "data.val_min_images=0",
                           "~callbacks.reconstructions", "trainer.max_epochs=3",
                           "callbacks.checkpoint.every_n_train_steps=2", *extra)
 

@@ -86,7 +86,7 @@ def test_a_small_held_out_split_is_topped_up_from_the_training_set(tmp_path):
     write_images(folder, 12)
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, "experiment=null", "data=folder", f"data.root={folder}",
-                               "data.val_fraction=0.1", "trainer.max_steps=1")
+                               "data.val_fraction=0.1", "data.val_min_images=0", "trainer.max_steps=1")
     trainer = pretrain(compose("pretrain", overrides))
     callback = next(c for c in trainer.callbacks if type(c).__name__ == "ReconstructionImages")
     assert callback.sources == ["val image 0", "train image 0", "train image 1", "train image 2"]

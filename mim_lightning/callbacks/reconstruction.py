@@ -76,6 +76,9 @@ class ReconstructionImages(Callback):
             if not items:
                 return None
             per_batch = getattr(getattr(datamodule, "mask_generator", None), "per_batch", False)
+            # held-out items carry keys training items lack (``valid``): keep what every item has
+            shared = set.intersection(*(set(item) for item in items))
+            items = [{k: v for k, v in item.items() if k in shared} for item in items]
             self._batch = (collate_batch_mask if per_batch else default_collate)(items)
             self.sources = sources
         return self._batch
