@@ -643,7 +643,18 @@ def loader_table(root: Path, images: int = 340, image_size: int = 224, gpu_img_s
     """img/s of one loader worker (decode + MAE crop/flip + normalize + mask, in this process) on JPEGs of
     :data:`LOADER_SIZES`, with and without ``data.fast_decode``; the mean absolute pixel difference (0-255)
     of the fast crops from the full-decode ones (the same crop boxes); the workers a GPU needs at
-    ``gpu_img_s`` model img/s (and per 1000 img/s)."""
+    ``gpu_img_s`` model img/s (and per 1000 img/s). One torch thread, as in a DataLoader worker."""
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        rows = _loader_rows(root, images, image_size, gpu_img_s)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _loader_rows(root: Path, images: int, image_size: int, gpu_img_s: float | None) -> list[dict[str, Any]]:
     from mim_lightning.data import ImageFolderSource, PretrainDataModule
     from mim_lightning.masking import RandomMask
 

@@ -69,3 +69,15 @@ def test_an_undecodable_jpeg_is_skipped_and_counted_with_fast_decode(tmp_path):
     with pytest.warns(UserWarning, match="unreadable image"):
         items = [dm.train_dataset[(i, 0)] for i in range(4)]
     assert all(item["images"].shape == (3, 64, 64) for item in items) and dm.num_skipped() == 1
+
+
+def test_the_loader_table_measures_both_sizes_with_and_without_the_switch(tmp_path):
+    from test_scripts import load_script
+
+    benchmark = load_script("benchmark")
+    rows = benchmark.loader_table(tmp_path, images=2, image_size=64, gpu_img_s=1000)
+    assert [(r["jpeg"], r["fast_decode"]) for r in rows] == [("500x375", False), ("500x375", True),
+                                                              ("1600x1200", False), ("1600x1200", True)]
+    assert all(r["img_s_per_worker"] > 0 and r["workers_at_gpu"] >= 1 for r in rows)
+    assert rows[-1]["speedup"] > 0 and rows[-1]["pixel_diff"] < 3
+    assert "| 1600x1200 | true |" in benchmark.loader_markdown(rows, 1000)
