@@ -154,7 +154,8 @@ def test_training_resumed_mid_epoch_from_a_checkpoint_matches_an_uninterrupted_r
         assert torch.equal(a[key], b[key]), key
 
 
-def test_unreadable_samples_are_replaced_and_counted(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_samples_are_replaced_and_counted(tmp_path, workers):
     folder = tmp_path / "some_bad"
     write_images(folder, 8, seed=5)
     out = tmp_path / "bad_shards"
@@ -165,8 +166,11 @@ def test_unreadable_samples_are_replaced_and_counted(tmp_path):
     with tarfile.open(out / "shard-000000.tar", "w") as archive:
         for i, (member, data) in enumerate(members):
             archive.addfile(member, __import__("io").BytesIO(b"x" * len(data) if i == 1 else data))
-    module = shard_module(out, batch_size=2)
-    with pytest.warns(UserWarning, match="unreadable image sample 1 of"):
+    module = shard_module(out, batch_size=2, num_workers=workers, persistent_workers=False)
+    if workers == 0:
+        with pytest.warns(UserWarning, match="unreadable image sample 1 of"):
+            indices = sorted(i for batch in epoch_indices(module) for i in batch)
+    else:  # the warning is raised in a worker process; the count is shared with the main one
         indices = sorted(i for batch in epoch_indices(module) for i in batch)
     assert indices == list(range(8)) and module.num_skipped() == 1
 
