@@ -34,6 +34,8 @@ The DataModule is also timed on its own (decode + augment + mask + collate): ``-
 with ``num_workers=0`` and with the configured ``data.num_workers``, after the first batch (worker start-up).
 The demo data are small PNGs; pass ``data=folder data.root=...`` to measure your own images.
 
+``--loader-table`` instead measures the loader alone on ImageNet-like JPEGs (see :func:`loader_table`).
+
 Writes ``<out>/benchmarks.jsonl`` (one JSON object per case) and ``<out>/benchmarks.md`` (the command,
 the machine and the table), and prints each case as it finishes. ``--suite`` runs :data:`SUITE`.
 Exit status 2 with a one-line message for a bad configuration.
@@ -580,6 +582,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting (and MFU)")
     parser.add_argument("--out", default="outputs/benchmark", help="folder for benchmarks.jsonl and benchmarks.md")
     parser.add_argument("--dry-run", action="store_true", help="print the cases and exit")
+    parser.add_argument("--loader-table", action="store_true", help="only the loader table on ImageNet-like JPEGs "
+                        "(data.fast_decode off/on); see loader_table()")
+    parser.add_argument("--loader-images", type=int, default=340, help="images timed per loader-table row")
+    parser.add_argument("--gpu-img-s", type=float, default=None, help="model img/s of one GPU (the GPU table), for "
+                        "the workers it needs")
     args = parser.parse_args(argv)
     devices = ["cuda" if torch.cuda.is_available() else "cpu"] if args.device == "auto" else \
         parse_list(args.device, ("cpu", "cuda"), "--device")
@@ -613,6 +620,106 @@ def cases(args: argparse.Namespace) -> list[tuple[str | None, list[str]]]:
     return [(None, list(args.overrides))]
 
 
+# ------------------------------------------------------------------------------------------ loader table
+#: ImageNet-like JPEG sizes of the loader table (the typical ImageNet photo, and a large camera photo).
+LOADER_SIZES = ((500, 375), (1600, 1200))
+
+
+def make_jpegs(folder: Path, size: tuple[int, int], count: int = 17, quality: int = 90) -> Path:
+    """The demo photos resized (bicubic) to ``size`` and saved as JPEG ``quality`` into ``folder``."""
+    from PIL import Image
+
+    from mim_lightning.data.demo import _photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, (name, array) in enumerate(sorted(_photos().items())[:count]):
+        image = Image.fromarray(array).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        image.save(folder / f"{name}.jpg", quality=quality)
+    return folder
+
+
+def loader_table(root: Path, images: int = 340, image_size: int = 224, gpu_img_s: float | None = None
+                 ) -> list[dict[str, Any]]:
+    """img/s of one loader worker (decode + MAE crop/flip + normalize + mask, in this process) on JPEGs of
+    :data:`LOADER_SIZES`, with and without ``data.fast_decode``; the mean absolute pixel difference (0-255)
+    of the fast crops from the full-decode ones (the same crop boxes); the workers a GPU needs at
+    ``gpu_img_s`` model img/s (and per 1000 img/s). One torch thread, as in a DataLoader worker."""
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        rows = _loader_rows(root, images, image_size, gpu_img_s)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _loader_rows(root: Path, images: int, image_size: int, gpu_img_s: float | None) -> list[dict[str, Any]]:
+    from mim_lightning.data import ImageFolderSource, PretrainDataModule
+    from mim_lightning.masking import RandomMask
+
+    rows = []
+    for width, height in LOADER_SIZES:
+        folder = make_jpegs(root / f"{width}x{height}", (width, height))
+        datasets = {}
+        for fast in (False, True):
+            module = PretrainDataModule(ImageFolderSource(str(folder)), image_size=image_size, batch_size=8,
+                                        num_workers=0, val_fraction=0.0, repeat=64, fast_decode=fast,
+                                        mask_generator=RandomMask(image_size, 16, 0.75))
+            module.setup("fit")
+            datasets[fast] = module.train_dataset
+        best = {False: 0.0, True: 0.0}
+        for _round in range(3):  # interleaved rounds, the best of each: robust to other load on the machine
+            for fast, dataset in datasets.items():
+                dataset[(0, 0)]  # warm up (file cache, first decode)
+                started = time.perf_counter()
+                for index in range(images):
+                    dataset[(index, 1)]
+                best[fast] = max(best[fast], images / (time.perf_counter() - started))
+        for fast in (False, True):
+            rate = best[fast]
+            row = {"kind": "loader", "jpeg": f"{width}x{height}", "fast_decode": fast, "img_s_per_worker": rate,
+                   "workers_per_1000": 1000 / rate}
+            if gpu_img_s:
+                row["workers_at_gpu"] = math.ceil(gpu_img_s / rate)
+            rows.append(row)
+        std = torch.tensor(IMAGENET_MEAN_STD[1]).view(3, 1, 1)
+        diffs = [((datasets[True][(i, 2)]["images"] - datasets[False][(i, 2)]["images"]) * std * 255).abs().mean().item()
+                 for i in range(0, 64)]
+        rows[-1]["pixel_diff"] = statistics.mean(diffs)
+        rows[-1]["speedup"] = rows[-1]["img_s_per_worker"] / rows[-2]["img_s_per_worker"]
+    return rows
+
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def loader_markdown(rows: list[dict[str, Any]], gpu_img_s: float | None) -> str:
+    gpu = f"workers at {gpu_img_s:g} model img/s" if gpu_img_s else "workers at the GPU's img/s (--gpu-img-s)"
+    lines = [f"| JPEG (quality 90) | data.fast_decode | img/s per worker | workers per 1000 img/s | {gpu} | "
+             "speed-up | mean abs pixel diff (0-255) |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['jpeg']} | {str(row['fast_decode']).lower()} | {row['img_s_per_worker']:.0f} | "
+                     f"{row['workers_per_1000']:.1f} | {row.get('workers_at_gpu', '-')} | "
+                     f"{fmt(row.get('speedup'), 2, 'x')} | {fmt(row.get('pixel_diff'), 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_loader_table(args: argparse.Namespace) -> int:
+    """``--loader-table``: the table above, written to ``<out>/loader.md`` and ``<out>/loader.jsonl``."""
+    import tempfile
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = loader_table(Path(tmp), images=args.loader_images, gpu_img_s=args.gpu_img_s)
+    (out / "loader.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = loader_markdown(rows, args.gpu_img_s)
+    (out / "loader.md").write_text(text)
+    print(text, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -625,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mim_lightning: error: {error}", file=sys.stderr)
         return 2
     command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.loader_table:
+        return run_loader_table(args)
     if args.dry_run:
         for label, overrides in todo:
             precisions = {d: precisions_for(torch.device(d), args) for d in args.devices}

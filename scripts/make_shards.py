@@ -1,12 +1,13 @@
-"""Turn a folder of images into tar shards for ``data=webdataset`` (plus a ``shards.json`` manifest).
+"""Turn a folder of images into WebDataset tar shards for ``data=webdataset``, plus their wids index.
 
     python scripts/make_shards.py /data/imagenet/train /data/in1k-shards --maxcount 5000
     python scripts/make_shards.py /data/imagenet/train /data/in1k-shards --labels   # root/<class>/*.jpg
 
 Images are stored byte for byte (no re-encoding), in a seeded random order (so each shard is a mix
 of the whole folder; ``--no-shuffle`` keeps the sorted order), ``--maxcount`` per shard, as
-``<prefix>-000000.tar`` ... With ``--labels`` each sample also gets ``<key>.cls`` (the class index in
-sorted sub-folder order) and the manifest lists the class names. Aim for shards of equal size and a
+``<prefix>-000000.tar`` ..., written by ``webdataset.ShardWriter``, then ``shardindex.json`` (the wids
+shard index: samples per shard). With ``--labels`` each sample also gets ``<key>.cls`` (the class index in
+sorted sub-folder order) and the index lists the class names and each shard's labels. Aim for shards of equal size and a
 shard count divisible by (GPUs x data.num_workers): every device then reads whole epochs.
 Unreadable files are left out (listed on stderr) unless ``--keep-unreadable``.
 """
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mim_lightning.data.datasets import load_rgb
     from mim_lightning.data.sources import ClassFolderSource, ImageFolderSource
-    from mim_lightning.data.webdataset import MANIFEST, write_shards
+    from mim_lightning.data.shards import INDEX, write_shards
     from mim_lightning.errors import ConfigError
 
     if args.maxcount < 1:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         order = np.random.default_rng(args.seed).permutation(len(pairs))
         pairs = [pairs[i] for i in order]
     written = write_shards(pairs, args.output, prefix=args.prefix, maxcount=args.maxcount, classes=classes)
-    print(f"wrote {len(pairs)} samples in {len(written)} shards to {args.output} (manifest {Path(args.output) / MANIFEST})")
+    print(f"wrote {len(pairs)} samples in {len(written)} shards to {args.output} (index {Path(args.output) / INDEX})")
     return 0
 
 

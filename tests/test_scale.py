@@ -1,5 +1,5 @@
-"""Scaling out: tar-shard data (data=webdataset, scripts/make_shards.py), Hugging Face datasets
-(data=hf) and the FSDP trainer config."""
+"""Scaling out: tar-shard data (data=webdataset through wids, scripts/make_shards.py), Hugging Face datasets
+(data=hf), both on the folder path (same split, seeding, rank split, resume), and the FSDP trainer config."""
 
 import json
 import os
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from mim_lightning import ConfigError, build_datamodule, compose
+from mim_lightning.data import PretrainDataModule, ShardSource
 from mim_lightning.data.datasets import ImageDataset
+from mim_lightning.data.shards import INDEX, resolve_shards
 from mim_lightning.data.sources import ImageFolderSource
-from mim_lightning.data.webdataset import ShardDataModule, braceexpand, expand_urls, round_robin_order
 
 from conftest import REPO, tiny_overrides, write_images
 from test_scripts import load_script
@@ -32,60 +33,68 @@ def shards(tmp_path, image_folder) -> Path:
     return out
 
 
-def shard_module(urls, **kwargs) -> ShardDataModule:
-    defaults = dict(image_size=32, batch_size=3, num_workers=0, shuffle_buffer=4, seed=3)
+def shard_module(urls, **kwargs) -> PretrainDataModule:
+    defaults = dict(image_size=32, batch_size=3, num_workers=0, seed=3, val_fraction=0.0)
     defaults.update(kwargs)
-    return ShardDataModule(urls=str(urls), **defaults)
+    module = PretrainDataModule(ShardSource(urls=urls if isinstance(urls, list) else str(urls)), **defaults)
+    module.setup("fit")
+    return module
 
 
-def epoch_indices(module: ShardDataModule, epoch: int = 0) -> list[list[int]]:
-    module.set_epoch(epoch)
-    return [batch["index"].tolist() for batch in module.train_dataloader()]
+def epoch_indices(module: PretrainDataModule, epoch: int = 0, rank: int = 0, world: int = 2) -> list[list[int]]:
+    loader = module.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return [batch["index"].tolist() for batch in loader]
 
 
 # ------------------------------------------------------------------------------------------ shards
 
 
-def test_make_shards_writes_tar_shards_and_a_manifest(tmp_path, class_folder):
+def test_make_shards_writes_webdataset_shards_and_a_wids_index(tmp_path, class_folder):
     (class_folder / "cat" / "broken.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
     assert make_shards(class_folder, out, "--maxcount", "5", "--labels") == 0
-    manifest = json.loads((out / "shards.json").read_text())
-    assert manifest["classes"] == ["cat", "dog", "emu"] and manifest["total"] == 18  # the broken file is left out
-    assert [e["count"] for e in manifest["shards"]] == [5, 5, 5, 3]
+    index = json.loads((out / INDEX).read_text())
+    assert index["__kind__"] == "wids-shard-index-v1" and index["classes"] == ["cat", "dog", "emu"]
+    assert [e["nsamples"] for e in index["shardlist"]] == [5, 5, 5, 3]  # the broken file is left out
     with tarfile.open(out / "shard-000000.tar") as archive:
         names = archive.getnames()
-    assert names[:2] == ["000000000.png", "000000000.cls"]
+    assert sorted(names[:2]) == ["000000000.cls", "000000000.png"]
     assert make_shards(tmp_path / "missing", tmp_path / "x") == 2
 
 
-def test_brace_patterns_folders_and_missing_shards(shards):
-    assert braceexpand("a-{08..11}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar", "a-11.tar"]
-    assert braceexpand("{x,y}/s{1..2}") == ["x/s1", "x/s2", "y/s1", "y/s2"]
-    assert expand_urls(str(shards)) == expand_urls(f"{shards}/shard-{{000000..000003}}.tar")
-    assert len(expand_urls(f"{shards}/shard-000000.tar::{shards}/shard-000003.tar")) == 2
-    with pytest.raises(ConfigError, match="data.urls"):
-        expand_urls(f"{shards}/shard-{{000000..000009}}.tar")
-    with pytest.raises(ConfigError, match="data.urls"):
-        expand_urls(None)
+def test_shard_locations_index_folder_brace_patterns_and_missing_shards(shards):
+    from_index, _ = resolve_shards(str(shards))
+    assert [e["nsamples"] for e in from_index] == [6, 6, 6, 6]
+    pattern, _ = resolve_shards(f"{shards}/shard-{{000000..000003}}.tar")  # no index: counted by wids
+    assert [e["url"] for e in pattern] == [e["url"] for e in from_index] and [e["nsamples"] for e in pattern] == [6] * 4
+    assert len(resolve_shards(f"{shards}/shard-000000.tar::file://{shards}/shard-000003.tar")[0]) == 2
+    with pytest.raises(ConfigError, match="data.source.urls"):
+        resolve_shards(f"{shards}/shard-{{000000..000009}}.tar")
+    with pytest.raises(ConfigError, match="data.source.urls"):
+        resolve_shards(None)
+    with pytest.raises(ConfigError, match="data.source.urls"):
+        resolve_shards(["https://example.invalid/shard-000000.tar"])  # remote without an index
 
 
-def test_urls_and_pipe_commands_read_like_local_shards(shards):
-    local = epoch_indices(shard_module(shards))
-    urls = "::".join(f"file://{p}" for p in sorted(shards.glob("*.tar")))  # the manifest is fetched beside them
-    assert epoch_indices(shard_module(urls)) == local
-    piped = [f"pipe:cat {p}" for p in sorted(shards.glob("*.tar"))]
-    with pytest.raises(ConfigError, match="data.manifest"):
-        shard_module("::".join(piped)).setup()
-    module = ShardDataModule(urls=piped, manifest=str(shards / "shards.json"), image_size=32, batch_size=3,
-                             num_workers=0, shuffle_buffer=4, seed=3)
-    assert epoch_indices(module) == local
+def test_shards_written_by_plain_tarfile_read_the_same(tmp_path, image_folder, shards):
+    """A tar made with Python's tarfile (no index, members as img2dataset or `tar` write them)."""
+    files = ImageFolderSource(str(image_folder)).samples()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for number, start in enumerate(range(0, 24, 6)):
+        with tarfile.open(plain / f"part-{number}.tar", "w") as archive:
+            for offset, sample in enumerate(files[start: start + 6]):
+                archive.add(sample.path, arcname=f"s{start + offset:05d}{Path(sample.path).suffix}")
+    a, b = shard_module(plain), shard_module(shards)
+    for key in [(0, 0), (7, 1), (23, 2)]:
+        assert torch.equal(a.train_dataset[key]["images"], b.train_dataset[key]["images"])
 
 
 def test_shard_samples_get_the_same_crops_and_masks_as_folder_data(shards, image_folder):
-    """Same transform, same (seed, epoch, index) seeding: sample i of the shards is file i of the folder."""
-    cfg = compose("pretrain", ["data=webdataset", f"data.urls={shards}", "data.image_size=32", "data.seed=3",
-                                 "data.batch_size=4", "data.num_workers=0"])
+    """The same dataset code, the same (seed, epoch, index) seeding: sample i of the shards is file i of the folder."""
+    cfg = compose("pretrain", ["data=webdataset", f"data.source.urls={shards}", "data.image_size=32", "data.seed=3",
+                               "data.batch_size=4", "data.num_workers=0", "data.val_fraction=0"])
     module = build_datamodule(cfg)
     module.setup("fit")
     folder = ImageDataset(ImageFolderSource(str(image_folder)).samples(), module.train_transform, seed=3)
@@ -94,76 +103,43 @@ def test_shard_samples_get_the_same_crops_and_masks_as_folder_data(shards, image
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["mask"], b["mask"]) and a["index"] == b["index"]
     grid = 32 // cfg.backbone.patch_size
     assert a["mask"].shape == (grid, grid)
-    # Validation shards: their first val_max_images samples, held in memory, centre crops.
-    with_val = build_datamodule(compose("pretrain", ["data=webdataset", f"data.urls={shards}", f"data.val_urls={shards}",
-                                                     "data.val_max_images=5", "data.image_size=32", "data.batch_size=2",
-                                                     "data.num_workers=0"]))
+    # The held-out split is the folder rule's (val_min_images etc.).
+    with_val = build_datamodule(compose("pretrain", ["data=webdataset", f"data.source.urls={shards}", "data.image_size=32",
+                                                     "data.batch_size=2", "data.num_workers=0"]))
     with_val.setup("fit")
-    assert len(with_val.val_dataset) == 5
-    assert [b["images"].shape[0] for b in with_val.val_dataloader()] == [2, 2, 1]
+    assert len(with_val.val_dataset) == 8 and len(with_val.train_dataset) == 16
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_epoch_reads_every_sample_once_in_a_new_seeded_order(shards, workers):
-    module = shard_module(shards, num_workers=workers)
+    module = shard_module(shards, num_workers=workers, persistent_workers=False)
     first = epoch_indices(module)
-    assert len(first) == len(module.train_dataloader()) == 8
+    assert len(first) == 8
     assert sorted(i for batch in first for i in batch) == list(range(24))
     assert epoch_indices(module) == first  # deterministic
     second = epoch_indices(module, epoch=1)
     assert sorted(i for batch in second for i in batch) == list(range(24)) and second != first
 
 
-def test_ranks_read_disjoint_shards_and_the_same_number_of_batches(shards, tmp_path, image_folder):
-    seen = []
-    for rank in range(2):
-        module = shard_module(shards)
-        module.setup()
-        loader = module.train_dataloader()
-        loader.rank, loader.world_size = rank, 2
-        seen.append([i for batch in loader for i in batch["index"].tolist()])
-    assert len(seen[0]) == len(seen[1]) == 12 and sorted(seen[0] + seen[1]) == list(range(24))
-    # Uneven shards (7 + 7 + 7 + 3): every rank still yields the same number of full batches.
-    uneven = tmp_path / "uneven"
-    assert make_shards(image_folder, uneven, "--maxcount", "7") == 0
-    module = shard_module(uneven, num_workers=2, batch_size=2)
-    module.setup()
-    counts = {module.train_dataset.batches_per_rank(epoch, 2, 2) for epoch in range(4)}
-    for epoch in range(4):
-        per_rank = [sum(module.train_dataset.worker_batches(epoch, r, 2, 2)) for r in range(2)]
-        assert module.train_dataset.batches_per_rank(epoch, 2, 2) == min(per_rank)
-    assert counts and min(counts) >= 4
-
-
-def test_round_robin_order_matches_the_dataloader():
-    assert round_robin_order([2, 1, 3], 6) == [0, 1, 2, 0, 2, 2]
-    assert round_robin_order([2, 1, 3], 4) == [0, 1, 2, 0]
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_mid_epoch_resume_continues_with_the_same_batches(shards, workers):
-    module = shard_module(shards, num_workers=workers, shuffle_buffer=5)
-    straight = [batch for batch in module.train_dataloader()]
+    module = shard_module(shards, num_workers=workers, persistent_workers=False)
+    straight = list(module.train_dataloader())
     for done in (1, 3, 4):
-        resumed = shard_module(shards, num_workers=workers, shuffle_buffer=5)
+        resumed = shard_module(shards, num_workers=workers, persistent_workers=False)
         resumed.load_state_dict({"train_loader": {"epoch": 0, "batches_done": done, "batch_size": 3}})
         rest = list(resumed.train_dataloader())
         assert len(rest) == 8 - done
         for a, b in zip(rest, straight[done:]):
             assert a["index"].tolist() == b["index"].tolist() and torch.equal(a["images"], b["images"])
-    at_end = shard_module(shards, num_workers=workers)
-    at_end.load_state_dict({"train_loader": {"epoch": 0, "batches_done": 8, "batch_size": 3}})
-    loader = at_end.train_dataloader()
-    at_end.set_epoch(1)
-    assert len(list(loader)) == 8  # epoch 1 from its start
 
 
 def test_training_resumed_mid_epoch_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path, shards):
     from mim_lightning import pretrain
 
     def args(run_dir, *extra):
-        return tiny_overrides(run_dir, "data=webdataset", f"data.urls={shards}", "data.batch_size=3",
-                              "data.num_workers=2", "data.shuffle_buffer=5", "data.repeat=1", "~callbacks.reconstructions",
+        return tiny_overrides(run_dir, "data=webdataset", f"data.source.urls={shards}", "data.batch_size=3",
+                              "data.num_workers=2", "data.val_fraction=0", "data.repeat=1", "~callbacks.reconstructions",
                               "trainer.max_epochs=2", "callbacks.checkpoint.every_n_train_steps=3", *extra)
 
     straight = pretrain(compose("pretrain", args(tmp_path / "straight")))
@@ -178,44 +154,53 @@ def test_training_resumed_mid_epoch_from_a_checkpoint_matches_an_uninterrupted_r
         assert torch.equal(a[key], b[key]), key
 
 
-def test_unreadable_samples_are_replaced_and_counted(tmp_path, image_folder):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_samples_are_replaced_and_counted(tmp_path, workers):
     folder = tmp_path / "some_bad"
     write_images(folder, 8, seed=5)
     out = tmp_path / "bad_shards"
     assert make_shards(folder, out, "--maxcount", "4", "--no-shuffle") == 0
-    # Corrupt one image inside shard 0 (same size, so the tar stays valid).
+    # Corrupt one image inside shard 0 (same size, so the tar and its index stay valid).
     with tarfile.open(out / "shard-000000.tar") as archive:
         members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
     with tarfile.open(out / "shard-000000.tar", "w") as archive:
         for i, (member, data) in enumerate(members):
             archive.addfile(member, __import__("io").BytesIO(b"x" * len(data) if i == 1 else data))
-    module = shard_module(out, batch_size=2)
-    with pytest.warns(UserWarning, match="unreadable sample"):
+    module = shard_module(out, batch_size=2, num_workers=workers, persistent_workers=False)
+    if workers == 0:
+        with pytest.warns(UserWarning, match="unreadable image sample 1 of"):
+            indices = sorted(i for batch in epoch_indices(module) for i in batch)
+    else:  # the warning is raised in a worker process; the count is shared with the main one
         indices = sorted(i for batch in epoch_indices(module) for i in batch)
     assert indices == list(range(8)) and module.num_skipped() == 1
 
 
 def test_webdataset_config_errors_name_the_key(tmp_path, shards):
-    with pytest.raises(ConfigError, match="data.urls"):
-        build_datamodule(compose("pretrain", ["data=webdataset", f"data.urls={tmp_path / 'nope'}"])).setup("fit")
+    with pytest.raises(ConfigError, match="data.source.urls"):
+        build_datamodule(compose("pretrain", ["data=webdataset", f"data.source.urls={tmp_path / 'nope'}"])).setup("fit")
     with pytest.raises(ConfigError, match="data.batch_size"):
-        build_datamodule(compose("pretrain", ["data=webdataset", f"data.urls={shards}", "data.batch_size=64"])).setup("fit")
+        build_datamodule(compose("pretrain", ["data=webdataset", f"data.source.urls={shards}",
+                                              "data.batch_size=64"])).setup("fit")
 
 
-def test_two_ddp_processes_see_disjoint_samples_whose_union_is_the_epoch(tmp_path, shards):
-    """trainer=ddp on 2 CPU processes over 4 shards of 6: each rank trains on 12 samples, none shared."""
+def _ddp_indices(tmp_path, *data) -> list[list[int]]:
     record = tmp_path / "seen"
     overrides = [o for o in tiny_overrides(tmp_path / "run") if not o.startswith(("data.repeat", "data.batch_size"))]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-m", "mim_lightning.train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.precision=32-true", *overrides, "data=webdataset", f"data.urls={shards}", "data.batch_size=3",
+         "trainer.precision=32-true", *overrides, *data, "data.batch_size=3", "data.val_fraction=0",
          "data.repeat=1", "data.num_workers=0", "data.image_size=32", "~callbacks.reconstructions",
          "+callbacks.record._target_=conftest.RecordIndices", f"+callbacks.record.path={record}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    seen = [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((record / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_ddp_processes_see_disjoint_samples_whose_union_is_the_epoch(tmp_path, shards):
+    """trainer=ddp on 2 CPU processes over 4 shards of 6: each rank trains on 12 samples, none shared."""
+    seen = _ddp_indices(tmp_path, "data=webdataset", f"data.source.urls={shards}")
     assert len(seen[0]) == len(seen[1]) == 12
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(24))
 
@@ -223,7 +208,7 @@ def test_two_ddp_processes_see_disjoint_samples_whose_union_is_the_epoch(tmp_pat
 @pytest.mark.slow  # two torchrun agents, ~15-25 s on 2 cores; `make test-all` runs it
 def test_two_nodes_launched_by_torchrun_split_the_shards_and_count_both_nodes(tmp_path, shards):
     """The multi-node recipe on one machine: two torchrun agents (--nnodes 2, one process each) with
-    trainer.num_nodes=2; the effective batch and lr count both nodes, and the nodes read disjoint shards."""
+    trainer.num_nodes=2; the effective batch and lr count both nodes, and the nodes read disjoint samples."""
     import socket
 
     with socket.socket() as probe:
@@ -233,11 +218,11 @@ def test_two_nodes_launched_by_torchrun_split_the_shards_and_count_both_nodes(tm
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     overrides = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2",
-                 "trainer.precision=32-true", "backbone=vit_test", "data=webdataset", f"data.urls={shards}",
-                 "data.batch_size=3", "data.repeat=1", "data.num_workers=0", "data.image_size=32", "trainer.max_epochs=1",
-                 "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.reconstructions",
-                 "+callbacks.record._target_=conftest.RecordIndices", f"+callbacks.record.path={record}",
-                 f"run_dir={tmp_path / 'run'}"]
+                 "trainer.precision=32-true", "backbone=vit_test", "data=webdataset", f"data.source.urls={shards}",
+                 "data.batch_size=3", "data.repeat=1", "data.val_fraction=0", "data.num_workers=0", "data.image_size=32",
+                 "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+                 "~callbacks.reconstructions", "+callbacks.record._target_=conftest.RecordIndices",
+                 f"+callbacks.record.path={record}", f"run_dir={tmp_path / 'run'}"]
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
                                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
                                 "-m", "mim_lightning.train", *overrides],
@@ -266,12 +251,12 @@ def hf_dataset(tmp_path, class_folder) -> Path:
 
 
 def test_hf_dataset_from_disk_feeds_the_folder_pipeline(hf_dataset):
-    cfg = compose("pretrain", ["data=hf", f"data.path={hf_dataset}", "data.image_column=img", "data.label_column=y",
-                               "data.image_size=32", "data.batch_size=4", "data.num_workers=0", "data.val_fraction=0.2",
-                               "data.repeat=1"])
+    cfg = compose("pretrain", ["data=hf", f"data.source.path={hf_dataset}", "data.source.image_column=img",
+                               "data.source.label_column=y", "data.image_size=32", "data.batch_size=4",
+                               "data.num_workers=0", "data.val_fraction=0.2", "data.repeat=1"])
     module = build_datamodule(cfg)
     module.setup("fit")
-    assert module.classes == ["cat", "dog", "emu"]
+    assert module.classes == ["cat", "dog", "emu"] and module.labelled
     assert len(module.train_dataset) + len(module.val_dataset) == 18
     paths = json.loads((hf_dataset.parent / "hf_paths.json").read_text())
     sample = module.train_dataset.samples[0]
@@ -284,35 +269,50 @@ def test_hf_dataset_from_disk_feeds_the_folder_pipeline(hf_dataset):
     assert batch["images"].shape == (4, 3, 32, 32) and batch["mask"].shape[0] == 4 and batch["label"].shape == (4,)
 
 
+def test_hf_rows_resume_mid_epoch_through_the_folder_loader(hf_dataset):
+    def module():
+        return build_datamodule(compose("pretrain", [
+            "data=hf", f"data.source.path={hf_dataset}", "data.source.image_column=img", "data.image_size=32",
+            "data.batch_size=3", "data.num_workers=0", "data.val_fraction=0", "data.repeat=1"]))
+
+    straight = list(module().train_dataloader())
+    resumed = module()
+    resumed.load_state_dict({"train_loader": {"epoch": 0, "batches_done": 2, "batch_size": 3}})
+    rest = list(resumed.train_dataloader())
+    assert [b["index"].tolist() for b in rest] == [b["index"].tolist() for b in straight[2:]]
+    assert torch.equal(rest[0]["images"], straight[2]["images"])
+
+
 def test_hf_streaming_splits_rows_over_ranks(hf_dataset):
     """Streaming, 2 ranks, 18 rows, epoch_size 18: each rank streams 9 different rows (told apart by a
     row-id column read as the label) and yields the same number of batches."""
-    from mim_lightning.data.hf import _StreamLoader
-
     datasets = pytest.importorskip("datasets")
     table = datasets.load_from_disk(str(hf_dataset))
     table.add_column("row", list(range(len(table)))).save_to_disk(str(hf_dataset.parent / "with_rows"))
     seen = []
     for rank in range(2):
-        cfg = compose("pretrain", ["data=hf", f"data.path={hf_dataset.parent / 'with_rows'}", "data.image_column=img",
-                                   "data.label_column=row", "data.image_size=32", "data.batch_size=3",
-                                   "data.num_workers=0", "data.streaming=true", "data.epoch_size=18", "data.shuffle_buffer=4"])
+        cfg = compose("pretrain", ["data=hf", f"data.source.path={hf_dataset.parent / 'with_rows'}",
+                                   "data.source.image_column=img", "data.source.label_column=row", "data.image_size=32",
+                                   "data.batch_size=3", "data.num_workers=0", "data.source.streaming=true",
+                                   "data.source.epoch_size=18", "data.source.shuffle_buffer=4"])
         module = build_datamodule(cfg)
         module.setup("fit")
-        loader = _StreamLoader(module, rank, 2)
+        module._rank_and_world = lambda rank=rank: (rank, 2)
+        loader = module.train_dataloader()
         batches = list(loader)
         assert len(batches) == len(loader) == 3 and batches[0]["images"].shape == (3, 3, 32, 32)
         seen.append([row for b in batches for row in b["label"].tolist()])
+        assert module.describe()["images"] is None and module.probe_datasets() is None
     assert len(seen[0]) == len(seen[1]) == 9 and sorted(seen[0] + seen[1]) == list(range(18))
-    with pytest.raises(ConfigError, match="data.epoch_size"):
-        build_datamodule(compose("pretrain", ["data=hf", f"data.path={hf_dataset}", "data.streaming=true"]))
+    with pytest.raises(ConfigError, match="data.source.epoch_size"):
+        build_datamodule(compose("pretrain", ["data=hf", f"data.source.path={hf_dataset}", "data.source.streaming=true"]))
 
 
 def test_hf_config_errors_name_the_key(hf_dataset, tmp_path):
-    with pytest.raises(ConfigError, match="data.image_column"):
-        build_datamodule(compose("pretrain", ["data=hf", f"data.path={hf_dataset}"])).setup("fit")
-    with pytest.raises(ConfigError, match="data.path"):
-        build_datamodule(compose("pretrain", ["data=hf", f"data.path={tmp_path / 'nothing_here'}"])).setup("fit")
+    with pytest.raises(ConfigError, match="data.source.image_column"):
+        build_datamodule(compose("pretrain", ["data=hf", f"data.source.path={hf_dataset}"])).setup("fit")
+    with pytest.raises(ConfigError, match="data.source.path"):
+        build_datamodule(compose("pretrain", ["data=hf", f"data.source.path={tmp_path / 'nothing_here'}"])).setup("fit")
 
 
 # ------------------------------------------------------------------------------------------- fsdp

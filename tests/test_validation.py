@@ -256,17 +256,19 @@ def test_describe_folder_imagefolder_and_demo(tmp_path, image_folder, class_fold
 
 
 def test_describe_shards_and_hf(tmp_path):
-    from mim_lightning.data import HFDataModule, ShardDataModule
+    from mim_lightning.data import ShardSource
 
-    shards = ShardDataModule(urls=None, image_size=32, batch_size=2, num_workers=0,
-                             cache_dir=str(tmp_path / "shards"))
+    shards = PretrainDataModule(ShardSource(urls=None, cache_dir=str(tmp_path / "shards")), image_size=32,
+                                batch_size=2, num_workers=0)
     shards.setup("fit")
     info = shards.describe()
-    assert set(info) == DESCRIBE_KEYS and info["demo"] is True
-    assert (info["images"], info["train"], info["val"], info["classes"]) == (17, 17, 0, 0)
+    assert set(info) == DESCRIBE_KEYS and info["demo"] is True and info["source"].startswith("demo photos as shards")
+    assert (info["images"], info["train"], info["val"], info["classes"]) == (17, 9, 8, 0)  # the folder split rule
     pytest.importorskip("datasets")
-    hf = HFDataModule(path=None, cache_dir=str(tmp_path / "hf"), image_size=32, batch_size=2, num_workers=0,
-                      val_fraction=0.1)
+    from mim_lightning.data.hf import HFSource
+
+    hf = PretrainDataModule(HFSource(path=None, cache_dir=str(tmp_path / "hf")), image_size=32, batch_size=2,
+                            num_workers=0, val_fraction=0.1)
     hf.setup("fit")
     info = hf.describe()
     assert set(info) == DESCRIBE_KEYS and info["demo"] is True and info["source"].startswith("demo photos")

@@ -1,4 +1,9 @@
-"""Online monitors of representation quality during pretraining, for labelled data (``data=imagefolder``).
+"""Online monitors of representation quality during pretraining, for any labelled data source.
+
+The data come from the DataModule's explicit probe interface: ``datamodule.labelled``, ``datamodule.classes``
+and ``datamodule.probe_datasets(max_train, max_held_out) -> (train, held_out)`` (labelled datasets through the
+deterministic view, read by the run's own source: class folders, Fashion-MNIST, labelled shards, Hugging Face
+rows with a label column), or None with the reason in ``datamodule.probe_unavailable``.
 
 - :class:`KNNProbe` (``probe/knn_top1``): every ``every_n_steps`` optimizer steps and when training
   ends, pooled encoder features of training images (the bank) and of the held-out split (the queries),
@@ -50,8 +55,7 @@ def _check_pool(pool: str, key: str) -> str:
 
 
 def _labelled(datamodule: Any) -> bool:
-    dataset = getattr(datamodule, "train_dataset", None)
-    return bool(getattr(datamodule, "classes", None)) and dataset is not None and dataset.samples[0].label >= 0
+    return bool(getattr(datamodule, "labelled", False)) and bool(getattr(datamodule, "classes", None))
 
 
 @contextmanager
@@ -132,21 +136,13 @@ class KNNProbe(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
         self.enabled = False
-        if not _labelled(datamodule):
-            warnings.warn("KNNProbe: the data has no labels (use data=imagefolder); probe/knn_top1 is off",
-                          stacklevel=2)
+        probe_datasets = getattr(datamodule, "probe_datasets", None)
+        found = probe_datasets(self.max_bank_images, self.max_query_images) if callable(probe_datasets) else None
+        if found is None:
+            reason = getattr(datamodule, "probe_unavailable", None) or "the DataModule has no probe_datasets()"
+            warnings.warn(f"KNNProbe: {reason}; probe/knn_top1 is off", stacklevel=2)
             return
-        if getattr(datamodule, "val_dataset", None) is None:
-            warnings.warn("KNNProbe: no held-out split (data.val_fraction=0); probe/knn_top1 is off", stacklevel=2)
-            return
-        from mim_lightning.data.datasets import ImageDataset
-        from mim_lightning.data.transforms import MIMTransform
-
-        view = MIMTransform(datamodule.val_transform.image_transform, None)  # resize + centre crop, no mask
-        bank = datamodule.train_dataset.samples[: self.max_bank_images]
-        queries = datamodule.val_dataset.samples[: self.max_query_images]
-        self.bank_dataset = ImageDataset(bank, view, seed=0)
-        self.query_dataset = ImageDataset(queries, view, seed=0)
+        self.bank_dataset, self.query_dataset = found
         self.num_classes = len(datamodule.classes)
         self.num_workers = int(getattr(datamodule, "num_workers", 0))
         self.loader_batch_size = int(self.batch_size or getattr(datamodule, "batch_size", 64))
@@ -234,8 +230,8 @@ class OnlineLinearProbe(Callback):
             return
         datamodule = trainer.datamodule
         if not _labelled(datamodule):
-            warnings.warn("OnlineLinearProbe: the data has no labels (use data=imagefolder); probe/linear_* is off",
-                          stacklevel=2)
+            warnings.warn("OnlineLinearProbe: the data has no labels (e.g. data=imagefolder, labelled shards, data=hf "
+                          "with data.source.label_column); probe/linear_* is off", stacklevel=2)
             return
         size = getattr(datamodule, "image_size", 224)
         size = (size, size) if isinstance(size, int) else tuple(size)

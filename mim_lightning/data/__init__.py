@@ -1,13 +1,10 @@
-"""Data: image sources, per-sample seeded transforms with masks, samplers and DataModules."""
+"""Data: sources (folder, class folders, demo, Fashion-MNIST, Hugging Face, tar shards), one dataset with
+per-sample seeded transforms and masks, samplers, and the DataModules over any source."""
 
 from mim_lightning.data.datamodule import PretrainDataModule
 from mim_lightning.data.demo import DemoSource
-from mim_lightning.data.sources import ClassFolderSource, ImageFolderSource
+from mim_lightning.data.shards import ShardSource
+from mim_lightning.data.sources import ClassFolderSource, ImageFolderSource, Sample, Source
 
-__all__ = ["ClassFolderSource", "DemoSource", "ImageFolderSource", "PretrainDataModule"]
-
-# Scale-out data sources (data=webdataset, data=hf); `datasets` is imported only when data=hf is used.
-from mim_lightning.data.hf import HFDataModule  # noqa: E402
-from mim_lightning.data.webdataset import ShardDataModule  # noqa: E402
-
-__all__ += ["HFDataModule", "ShardDataModule"]
+__all__ = ["ClassFolderSource", "DemoSource", "ImageFolderSource", "PretrainDataModule", "Sample", "ShardSource",
+           "Source"]

@@ -28,7 +28,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from mim_lightning.data.datamodule import PretrainDataModule
-from mim_lightning.data.sources import ClassFolderSource, ImageFolderSource
+from mim_lightning.data.sources import ClassFolderSource, Source
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, interpolation_mode
 from mim_lightning.errors import ConfigError
 
@@ -106,7 +106,8 @@ class ClassificationDataModule(PretrainDataModule):
     """Labelled images (``items: images, label, index``) with the finetuning or probing augmentation.
 
     Args:
-        source: a labelled source (``ClassFolderSource``); an unlabelled one is a one-line ConfigError.
+        source: any labelled source (class folders, Fashion-MNIST, labelled shards, Hugging Face rows with a
+            label column); an unlabelled one is a one-line ConfigError.
         val_root: a separate folder of the same classes for validation (ImageNet ``val/``); without it
             ``val_fraction`` of the training images are held out (at least ``val_min_images``, at most
             ``val_max_images`` and half; class-stratified: every class gives its share and keeps one image).
@@ -116,7 +117,7 @@ class ClassificationDataModule(PretrainDataModule):
         The other arguments are :class:`~mim_lightning.data.datamodule.PretrainDataModule`'s.
     """
 
-    def __init__(self, source: ImageFolderSource, root: str | None = None, val_root: str | None = None,
+    def __init__(self, source: Source, root: str | None = None, val_root: str | None = None,
                  mode: str = "finetune", augment: Mapping[str, Any] | None = None, image_size: int = 224,
                  batch_size: int = 64, num_workers: int = 8, pin_memory: bool = True, persistent_workers: bool = True,
                  prefetch_factor: int | None = 2, val_fraction: float = 0.01, val_max_images: int = 1000,
@@ -151,16 +152,17 @@ class ClassificationDataModule(PretrainDataModule):
                 raise ConfigError("val_root", str(self.val_root), f"the same class sub-folders as data.root "
                                   f"({len(self.classes)}: {', '.join(self.classes[:3])}...)", "the class lists differ")
             train, val = list(samples), val_source.samples()
+            self.val_source = val_source
         else:
             train, val = self.split_samples(samples)
         self._make_datasets(train, val)
 
 
 #: ``data`` keys that are pretraining augmentation and do not apply to finetuning.
-PRETRAIN_ONLY_KEYS = ("_target_", "source", "crop_scale", "crop_ratio", "hflip", "color_jitter")
+PRETRAIN_ONLY_KEYS = ("_target_", "source", "crop_scale", "crop_ratio", "hflip", "color_jitter", "fast_decode")
 
 
-def labelled_source(cfg: DictConfig) -> ImageFolderSource:
+def labelled_source(cfg: DictConfig) -> Source:
     """The ``data`` group's source with ``data.root`` set; a ConfigError when it has no labels."""
     from mim_lightning.config import instantiate_checked
 

@@ -1,4 +1,11 @@
-"""The pretraining DataModule: a source of images, a train/val split, and mask-generating transforms."""
+"""The pretraining DataModule over any source: a train/val split, mask-generating transforms, the loaders.
+
+Every indexed source (:class:`~mim_lightning.data.sources.Source`) goes through
+:class:`~mim_lightning.data.datasets.ImageDataset` (per-sample seeding, unreadable-sample skipping),
+:class:`~mim_lightning.data.sampler.EpochIndexSampler` (rank split, equal batches per rank) and
+:class:`~mim_lightning.data.sampler.ResumableDataLoader` (exact mid-epoch resume); a stream source through
+:mod:`mim_lightning.data.stream`. Nothing here depends on which source it is.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ from torch.utils.data import DataLoader, default_collate
 from mim_lightning import runlog
 from mim_lightning.data.datasets import MAX_CONSECUTIVE_BAD, ImageDataset, no_readable_images
 from mim_lightning.data.sampler import EpochIndexSampler, ResumableDataLoader
-from mim_lightning.data.sources import ImageFolderSource, Sample
+from mim_lightning.data.sources import Sample, Source
+from mim_lightning.data.stream import StreamDataset, StreamLoader
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MIMTransform, eval_image_transform, pretrain_image_transform
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import MaskGenerator
@@ -169,7 +177,8 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
     """Images for self-supervised pretraining, with the method's mask drawn in the transform.
 
     Args:
-        source: where the images are (``ImageFolderSource``, ``ClassFolderSource``, ``DemoSource``).
+        source: where the images are: any :class:`~mim_lightning.data.sources.Source` (folder, class folders,
+            demo, Fashion-MNIST, Hugging Face rows, tar shards) or a stream source (Hugging Face streaming).
         root: the folder to read, given as ``data.root=...``; replaces the source's own root when set.
         image_size: crop size in pixels.
         batch_size: per-device batch size.
@@ -183,15 +192,18 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
             default; ``color_jitter`` 0 is off).
         seed: the run seed; data order, crops and masks derive from it.
         mask_generator: draws each sample's mask (None: the model draws its own).
+        fast_decode: decode JPEGs at 1/2, 1/4 or 1/8 scale when the random crop allows it (libjpeg DCT
+            scaling through ``Image.draft``; see :class:`~mim_lightning.data.transforms.DraftRandomResizedCrop`).
+            Off by default: the pixels differ slightly from full decoding (docs/architecture.md, Data).
     """
 
-    def __init__(self, source: ImageFolderSource, root: str | None = None, image_size: int = 224, batch_size: int = 64, num_workers: int = 8,
+    def __init__(self, source: Source, root: str | None = None, image_size: int = 224, batch_size: int = 64, num_workers: int = 8,
                  pin_memory: bool = True, persistent_workers: bool = True, prefetch_factor: int | None = 2,
                  val_fraction: float = 0.01, val_max_images: int = 1000, repeat: int = 1,
                  crop_scale: Sequence[float] = (0.2, 1.0), crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                  interpolation: str = "bicubic", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  seed: int = 0, mask_generator: MaskGenerator | None = None, color_jitter: float = 0.0,
-                 val_min_images: int = 8) -> None:
+                 val_min_images: int = 8, fast_decode: bool = False) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ConfigError("data.batch_size", batch_size, "a positive integer")
@@ -215,23 +227,66 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
         self.std = tuple(std)
         self.seed = int(seed)
         self.mask_generator = mask_generator
+        self.fast_decode = bool(fast_decode)
         self.train_transform = MIMTransform(
             pretrain_image_transform(image_size, crop_scale, crop_ratio, hflip, interpolation, self.mean, self.std,
-                                     color_jitter), mask_generator)
-        self.val_transform = MIMTransform(eval_image_transform(image_size, interpolation, self.mean, self.std), mask_generator)
-        self._train_loader: ResumableDataLoader | None = None
+                                     color_jitter, fast_decode=self.fast_decode), mask_generator)
+        #: The deterministic view (resize + centre crop), without a mask: probes and previews.
+        self.eval_view = MIMTransform(eval_image_transform(image_size, interpolation, self.mean, self.std), None)
+        self.val_transform = MIMTransform(self.eval_view.image_transform, mask_generator)
+        self._train_loader: ResumableDataLoader | StreamLoader | None = None
         self._resume_state: dict | None = None
-        self.train_dataset: ImageDataset | None = None
+        self._epoch = 0
+        self.train_dataset: ImageDataset | StreamDataset | None = None
         self.val_dataset: ImageDataset | None = None
+        self.val_source: Source | None = None
         self.classes: list[str] = []
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the source is a stream (no sample list, no held-out split)."""
+        return bool(getattr(self.source, "streaming", False))
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the samples carry labels (after ``setup``): probes and finetuning need them."""
+        return bool(self.classes) and bool(getattr(self.source, "labelled", False))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
+            return
+        if self.streaming:
+            self.classes = list(self.source.classes)
+            self.train_dataset = StreamDataset(self.source, self.train_transform, seed=self.seed)
+            self._check_batch_size(world_size=self._rank_and_world()[1])
             return
         samples = self.source.samples()
         self.classes = list(self.source.classes)
         train, val = self.split_samples(samples)
         self._make_datasets(train, val)
+
+    def probe_datasets(self, max_train: int | None = None, max_held_out: int | None = None
+                       ) -> tuple[ImageDataset, ImageDataset] | None:
+        """Labelled ``(train, held_out)`` datasets for representation probes, after ``setup``: the first
+        ``max_train`` training and ``max_held_out`` held-out samples through the deterministic view (resize +
+        centre crop, no mask), read by the source like the training data. None when the data has no labels,
+        no held-out split, or is a stream (the reason is in :attr:`probe_unavailable`)."""
+        self.setup("fit")
+        reason = None
+        if not self.labelled:
+            reason = "the data has no labels (e.g. data=imagefolder, data=fashion_mnist, labelled shards or data=hf " \
+                     "with data.source.label_column)"
+        elif self.streaming:
+            reason = "a streamed source has no held-out split"
+        elif self.val_dataset is None:
+            reason = "no held-out split (data.val_fraction=0)"
+        self.probe_unavailable = reason
+        if reason is not None:
+            return None
+        train = self.train_dataset.samples[: max_train] if max_train is not None else self.train_dataset.samples
+        held_out = self.val_dataset.samples[: max_held_out] if max_held_out is not None else self.val_dataset.samples
+        return (ImageDataset(train, self.eval_view, seed=0, replace_within=None, source=self.train_dataset.source),
+                ImageDataset(held_out, self.eval_view, seed=0, replace_within=None, source=self.val_dataset.source))
 
     def split_samples(self, samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
         """The seeded train/val split of ``samples`` (see :func:`split_train_val`)."""
@@ -244,9 +299,10 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
     def _dataset(self, samples: Sequence[Sample], train: bool) -> ImageDataset:
         key, value = self._source_key()
         if train:
-            return ImageDataset(samples, self.train_transform, seed=self.seed, repeat=self.repeat, key=key, value=value)
+            return ImageDataset(samples, self.train_transform, seed=self.seed, repeat=self.repeat, key=key, value=value,
+                                source=self.source)
         return ImageDataset(samples, self.val_transform, seed=self.seed + 1, replace_within=None, mark_replaced=True,
-                            key=key, value=value)
+                            key=key, value=value, source=self.val_source or self.source)
 
     def _make_datasets(self, train: Sequence[Sample], val: Sequence[Sample]) -> None:
         """Build the datasets, probe that they can be read (:func:`check_readable`), check the batch size."""
@@ -258,17 +314,21 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
     def describe(self) -> dict[str, Any]:
         """What the run reads, after ``setup("fit")``: ``{"source", "demo", "images", "train", "val",
         "classes", "skipped", "repeat"}`` (``train``/``val``: images, before ``repeat``; ``skipped``: this
-        rank's unreadable files so far)."""
-        from mim_lightning.data.demo import DemoSource
-
-        train = len(self.train_dataset.samples) if self.train_dataset is not None else None
+        rank's unreadable files so far). A stream has ``images``/``train`` None and ``val`` 0."""
+        indexed = self.train_dataset is not None and not self.streaming
+        train = len(self.train_dataset.samples) if indexed else None
         val = len(self.val_dataset.samples) if self.val_dataset is not None else 0
-        return {"source": source_text(self.source), "demo": isinstance(self.source, DemoSource),
+        return {"source": source_text(self.source), "demo": bool(getattr(self.source, "demo", False)),
                 "images": None if train is None else train + val, "train": train, "val": val,
                 "classes": len(self.classes), "skipped": self._local_skipped(), "repeat": self.repeat}
 
     def _check_batch_size(self, world_size: int) -> None:
         assert self.train_dataset is not None
+        if self.streaming:
+            if self.source.epoch_size // world_size < self.batch_size:
+                raise ConfigError("data.batch_size", self.batch_size,
+                                  f"at most data.source.epoch_size / devices = {self.source.epoch_size // world_size}")
+            return
         per_rank = len(self.train_dataset) // world_size
         if per_rank < self.batch_size:
             raise ConfigError(
@@ -283,9 +343,19 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
         return sum(int(flags.sum()) for flags in self._bad_flags())
 
     def num_skipped(self) -> int:
-        """Distinct unreadable files found so far (skipped, not fatal), by every loader worker and, when a
-        process group runs, every rank (then a collective: call it on all ranks, as an epoch-end hook does)."""
+        """Distinct unreadable samples found so far (skipped, not fatal), by every loader worker and, when a
+        process group runs, every rank (then a collective: call it on all ranks, as an epoch-end hook does).
+        A stream counts every unreadable row read (rows have no stable ids)."""
+        if self.streaming:
+            return total_count(self._local_skipped(), self.trainer)
         return union_count(self._bad_flags(), self.trainer)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch a stream reads when there is no trainer (scripts, tests)."""
+        self._epoch = int(epoch)
+
+    def _current_epoch(self) -> int:
+        return self._epoch if self.trainer is None else int(self.trainer.current_epoch)
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -321,9 +391,21 @@ class PretrainDataModule(TrainPositionState, pl.LightningDataModule):
         return loader_class(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
                             pin_memory=self.pin_memory and torch.cuda.is_available(), drop_last=drop_last, **extra)
 
+    def _stream_loader(self) -> StreamLoader:
+        rank, world = self._rank_and_world()
+        extra: dict[str, Any] = {}
+        if self.num_workers > 0 and self.prefetch_factor is not None:
+            extra["prefetch_factor"] = int(self.prefetch_factor)
+        collate = collate_batch_mask if getattr(self.mask_generator, "per_batch", False) else default_collate
+        return StreamLoader(self.train_dataset, self.source.epoch_size, rank, world, epoch_fn=self._current_epoch,
+                            progress=self._batches_done, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=collate, pin_memory=self.pin_memory and torch.cuda.is_available(), **extra)
+
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         self._check_batch_size(world_size=self._rank_and_world()[1])
+        if self.streaming:
+            return self._track_train_loader(self._stream_loader())
         return self._track_train_loader(self._loader(self.train_dataset, shuffle=True, drop_last=True, resumable=True))
 
     def val_dataloader(self) -> DataLoader | list:

@@ -1,4 +1,4 @@
-"""Map-style datasets over a list of image files, with per-sample seeding and bad-file skipping."""
+"""The one map-style dataset every indexed source goes through: per-sample seeding and bad-sample skipping."""
 
 from __future__ import annotations
 
@@ -10,34 +10,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mim_lightning.data.sources import Sample
-from mim_lightning.data.transforms import MIMTransform
+from mim_lightning.data.sources import ImageFolderSource, Sample, Source
+from mim_lightning.data.transforms import MIMTransform, UnreadableImage, as_rgb
 from mim_lightning.errors import ConfigError
 
 #: How many following samples to try before giving up when files cannot be read.
 MAX_CONSECUTIVE_BAD = 64
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float images scaled to 8 bits (``convert`` would clip them)."""
-    array = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16"):
-        array = array / 257.0
-    else:
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-    return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L")
-
-
-def as_rgb(image: Image.Image) -> Image.Image:
-    """An opened image as 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, 16-bit and float
-    images are converted (``load`` is called, so truncated data fails here)."""
-    image.load()
-    if image.mode.startswith("I") or image.mode == "F":
-        image = _to_8bit(image)
-    elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB")
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -75,7 +53,7 @@ def no_readable_images(key: str, value: object, tried: int, total: int, which: s
 
 
 class ImageDataset(Dataset):
-    """Images from ``samples`` through a :class:`MIMTransform`.
+    """Images of ``samples`` (opened by ``source``: files when None) through a :class:`MIMTransform`.
 
     Keys are ``index`` or ``(index, epoch)`` (see :class:`~mim_lightning.data.sampler.EpochIndexSampler`);
     the sample is seeded by ``(seed, epoch, index)``. With ``repeat > 1`` the list is walked several
@@ -93,9 +71,10 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], transform: MIMTransform, seed: int = 0, repeat: int = 1,
                  replace_within: int | None = MAX_CONSECUTIVE_BAD, mark_replaced: bool = False,
-                 key: str = "data.root", value: object = None) -> None:
+                 key: str = "data.root", value: object = None, source: Source | None = None) -> None:
         if not samples:
             raise ValueError("ImageDataset needs at least one sample")
+        self.source = source if source is not None else ImageFolderSource()
         self.samples = list(samples)
         self.transform = transform
         self.seed = int(seed)
@@ -113,20 +92,23 @@ class ImageDataset(Dataset):
         """Distinct unreadable samples found so far, by any process (loader workers included)."""
         return int(self.bad.sum())
 
-    #: Exceptions that mark a sample unreadable (skipped and counted) rather than a bug.
-    unreadable: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+    @property
+    def unreadable(self) -> tuple[type[BaseException], ...]:
+        """Exceptions that mark a sample unreadable (skipped and counted) rather than a bug."""
+        return tuple(self.source.unreadable) + (UnreadableImage,)
 
-    def open_image(self, sample: Sample) -> Image.Image:
-        """The sample's image as 8-bit RGB (a file here; other datasets read rows or bytes)."""
-        return load_rgb(sample.path)
+    def open_lazy(self, position: int) -> tuple[Image.Image, int]:
+        """Sample ``position``'s image as the source opens it (a transform with ``lazy`` decodes it)."""
+        sample = self.samples[position]
+        return self.source.open(sample), sample.label
 
     def read(self, position: int) -> tuple[Image.Image, int]:
-        """Sample ``position``'s image and label (raises one of :attr:`unreadable` when it cannot be read)."""
-        sample = self.samples[position]
-        return self.open_image(sample), sample.label
+        """Sample ``position``'s image as 8-bit RGB and its label (raises one of :attr:`unreadable`)."""
+        image, label = self.open_lazy(position)
+        return as_rgb(image), label
 
     def describe_sample(self, position: int) -> str:
-        return str(self.samples[position].path)
+        return self.source.describe_sample(self.samples[position])
 
     def _flag_bad(self, position: int, exc: BaseException) -> None:
         if self.bad[position]:  # another worker found it first (and warned)
@@ -135,19 +117,28 @@ class ImageDataset(Dataset):
         warnings.warn(f"skipping unreadable image {self.describe_sample(position)}: {type(exc).__name__}: {exc}",
                       stacklevel=2)
 
-    def _load(self, index: int) -> tuple[int, Image.Image, int]:
-        """``(position read, image, label)`` for sample ``index`` or the next readable one."""
+    def _load(self, index: int, epoch: int) -> tuple[int, dict]:
+        """``(position read, item)`` for sample ``index`` or, when it cannot be read, the next readable one
+        (seeded as ``index``). A transform marked ``lazy`` (``data.fast_decode``) gets the undecoded image
+        and decodes it itself; its decoding errors arrive as :class:`UnreadableImage`."""
         count = len(self.samples)
         window = count if self.replace_within is None else min(count, self.replace_within)
+        lazy = bool(getattr(self.transform, "lazy", False))
         for offset in range(window):
-            position = (index + offset) % count
+            position = (index % count + offset) % count
             if self.bad[position]:
                 continue
             try:
-                image, label = self.read(position)
-                return position, image, label
+                image, label = self.open_lazy(position) if lazy else self.read(position)
             except self.unreadable as exc:
                 self._flag_bad(position, exc)
+                continue
+            if not lazy:
+                return position, transformed_item(self.transform, self.seed, epoch, index, image, label)
+            try:
+                return position, transformed_item(self.transform, self.seed, epoch, index, image, label)
+            except UnreadableImage as exc:
+                self._flag_bad(position, exc.cause)
         if self.num_bad() >= count:
             raise no_readable_images(self.key, self.value, count, count)
         raise RuntimeError(f"no readable image among {window} files starting at {self.describe_sample(index % count)}"
@@ -178,8 +169,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        position, image, label = self._load(index % len(self.samples))
-        item = transformed_item(self.transform, self.seed, epoch, index, image, label)
+        position, item = self._load(int(index), int(epoch))
         if self.mark_replaced:
             item["valid"] = position == index % len(self.samples)
         return item

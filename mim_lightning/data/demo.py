@@ -60,6 +60,8 @@ class DemoSource(ImageFolderSource):
     """The demo photos (17 images) as a folder source; ``cache_dir`` defaults to
     ``$MIM_LIGHTNING_CACHE/demo`` or ``~/.cache/mim_lightning/demo``."""
 
+    demo = True
+
     def __init__(self, cache_dir: str | None = None, max_side: int = 256) -> None:
         self.folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.max_side = max_side

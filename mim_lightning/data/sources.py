@@ -1,7 +1,22 @@
-"""Where images come from: a folder tree, a class-per-folder tree, or the embedded demo photos.
+"""Where images come from: one small class per kind of data, all read through the same dataset code.
 
-A source only lists files (``samples()``); reading and augmenting happens in the dataset, so every
-source goes through the same loading code.
+A *source* lists its samples and opens one; everything else (train/val split, rank split, per-sample
+seeding of crops and masks, equal batches per rank, exact mid-epoch resume, skipping and counting
+unreadable samples) is done once, by :class:`~mim_lightning.data.datasets.ImageDataset`,
+:class:`~mim_lightning.data.sampler.EpochIndexSampler` and
+:class:`~mim_lightning.data.datamodule.PretrainDataModule`, for every source.
+
+Two kinds:
+
+- an indexed source (:class:`Source`): ``samples()`` lists :class:`Sample` s (a key and a label) and
+  ``open(sample)`` returns the sample's image (a lazily decoded PIL image is best: ``data.fast_decode``
+  can then decode JPEGs at a reduced scale). Folders, class folders, the demo photos, Fashion-MNIST,
+  Hugging Face map-style datasets and tar shards (through ``wids``) are indexed sources.
+- a stream source (``streaming = True``, see :mod:`mim_lightning.data.stream`): rows arrive as an
+  iterable of unknown length and cannot seek (Hugging Face ``streaming=True``).
+
+Adding a source: subclass :class:`Source` (``samples``, ``open``, ``describe``; ``classes`` and
+``labelled`` when it has labels) and add ``conf/data/<name>.yaml`` that names it under ``source:``.
 """
 
 from __future__ import annotations
@@ -10,6 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from mim_lightning.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm")
@@ -17,8 +34,53 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 @dataclass(frozen=True)
 class Sample:
+    """One sample of a source: ``path`` is the source's key for it (a file path, a row number, a shard
+    position), ``label`` its class index (-1: unlabelled)."""
+
     path: str
     label: int = -1
+
+
+class Source:
+    """The interface every indexed source implements (see the module docstring).
+
+    Attributes:
+        key: the config key that names where the data is (one-line errors say it).
+        labelled: whether ``samples()`` carry labels (probes and finetuning need them).
+        demo: whether this is one of the embedded demo sets (run summaries say so).
+        streaming: False for an indexed source.
+        root: where the data is (``data.root`` replaces it when set); None where it does not apply.
+    """
+
+    key = "data.root"
+    labelled = False
+    demo = False
+    streaming = False
+    root: str | None = None
+    #: Exceptions that mark a sample unreadable (skipped and counted) rather than a bug.
+    unreadable: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+    def samples(self) -> list[Sample]:
+        raise NotImplementedError
+
+    def open(self, sample: Sample) -> Image.Image:
+        """The sample's image, not necessarily decoded yet (the dataset converts it to RGB)."""
+        raise NotImplementedError
+
+    @property
+    def classes(self) -> list[str]:
+        return []
+
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    def describe(self) -> str:
+        """The source in words (run summaries)."""
+        return type(self).__name__
+
+    def describe_sample(self, sample: Sample) -> str:
+        """A sample in words (warnings about unreadable ones)."""
+        return str(sample.path)
 
 
 def _check_root(root: str | os.PathLike | None, key: str) -> Path:
@@ -39,10 +101,8 @@ def find_images(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> l
     return sorted(found)
 
 
-class ImageFolderSource:
+class ImageFolderSource(Source):
     """Every image under ``root``, recursively, without labels (``data=folder``)."""
-
-    labelled = False
 
     def __init__(self, root: str | None = None, extensions: tuple[str, ...] | list[str] = IMAGE_EXTENSIONS,
                  key: str = "data.root") -> None:
@@ -58,12 +118,10 @@ class ImageFolderSource:
                               "no images found")
         return [Sample(p) for p in paths]
 
-    @property
-    def classes(self) -> list[str]:
-        return []
+    def open(self, sample: Sample) -> Image.Image:
+        return Image.open(sample.path)
 
     def describe(self) -> str:
-        """The source in words (run summaries)."""
         return f"folder {self.root}"
 
 
