@@ -21,13 +21,15 @@ VIT = dict(family="vit", patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_r
 HIVIT = dict(family="hivit", patch_size=16, embed_dim=32, depth=2, mlp_depth=[1, 1], num_heads=2, mlp_ratio=2.0,
              bridge_mlp_ratio=2.0)
 
-#: (loss, gradient norm, sum of |pred|) per case, from the unchanged code (commit 8b7ea4a).
+#: (loss, gradient norm, sum of |pred|) per case, from the unchanged code (commit 8b7ea4a; ``mixmae_128`` was
+#: added afterwards, its values computed by a checkout of 8b7ea4a).
 PINNED = {
     "mae": (1.2862637042999268, 0.6877308096695579, 3905.1155894321855),
     "mae_pixels": (1.2883963584899902, 0.6824892577933007, 3865.75726366408),
     "simmim_swin": (0.9188017249107361, 0.5052750010970259, 17062.816747021978),
     "simmim_vit": (0.9043830037117004, 1.6175888226790773, 4209.2866692342795),
     "mixmae": (1.0215576887130737, 0.06260574307070958, 5856.6030871048715),
+    "mixmae_128": (1.0214195251464844, 0.041704823201946684, 22693.49704210728),
     "mixmae_no_mask_attention": (1.0215510129928589, 0.06249486640252739, 5857.335153429667),
     "itpn": (1.0115426778793335, 0.077465097140452, 3515.2461256395327),
 }
@@ -61,6 +63,9 @@ def build(case: str):
         model = SimMIM(VIT, img_size=32, mask_unit=16, drop_path_rate=0.0)
         units = _hidden(3, 4, 2, 4).reshape(3, 2, 2)
         size, mask = 32, units.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    elif case == "mixmae_128":  # 4 windows per stage that each hold tokens of both images
+        model = MixMAE(SWIN, img_size=128, window_size=[16, 8, 4, 4], decoder_dim=32, decoder_depth=1, decoder_heads=2)
+        size, mask = 128, _hidden(1, 16, 8, 6).reshape(1, 4, 4)
     elif case in ("mixmae", "mixmae_no_mask_attention"):
         model = MixMAE(SWIN, img_size=64, window_size=[4, 4, 4, 2], decoder_dim=32, decoder_depth=1, decoder_heads=2,
                        mask_attention=case == "mixmae")
@@ -102,7 +107,24 @@ def test_loss_and_gradient_norm_are_pinned(case):
     assert pred == pytest.approx(expected_pred, rel=1e-5, abs=0)  # the display image, however it is made
 
 
-CASES = ("mae", "mae_pixels", "simmim_swin", "simmim_vit", "mixmae", "mixmae_no_mask_attention", "itpn")
+@pytest.mark.parametrize("path", ["sdpa", "explicit", "explicit_fp32"])
+@pytest.mark.parametrize("case", ["simmim_swin", "mixmae", "mixmae_128"])
+def test_every_window_attention_path_keeps_the_pinned_numerics(case, path):
+    """The automatic choice per device and dtype may pick any path: each one gives the pinned values."""
+    from mim_lightning.models.backbones.window_attention import set_attention_path
+
+    previous = set_attention_path(path)
+    try:
+        loss, grad_norm, pred = loss_and_grad_norm(case)
+    finally:
+        set_attention_path(previous)
+    expected_loss, expected_norm, expected_pred = PINNED[case]
+    assert loss == pytest.approx(expected_loss, rel=1e-5, abs=0)
+    assert grad_norm == pytest.approx(expected_norm, rel=1e-5, abs=0)
+    assert pred == pytest.approx(expected_pred, rel=1e-5, abs=0)
+
+
+CASES = ("mae", "mae_pixels", "simmim_swin", "simmim_vit", "mixmae", "mixmae_128", "mixmae_no_mask_attention", "itpn")
 
 
 def test_every_case_is_pinned():
