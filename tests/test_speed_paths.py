@@ -30,10 +30,10 @@ def forced_path():
 def test_attention_path_per_device_and_dtype(forced_path):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert wa.attention_path(cuda, torch.bfloat16) == "sdpa" and wa.attention_path(cuda, torch.float32) == "sdpa"
-    assert wa.attention_path(cpu, torch.float32) == "explicit"
-    assert wa.attention_path(cpu, torch.bfloat16) == ("explicit" if wa.NATIVE_BF16_CPU else "explicit_fp32")
-    forced_path("sdpa")
     assert wa.attention_path(cpu, torch.float32) == "sdpa"
+    assert wa.attention_path(cpu, torch.bfloat16) == ("explicit" if wa.NATIVE_BF16_CPU else "sdpa")
+    forced_path("explicit_fp32")
+    assert wa.attention_path(cpu, torch.float32) == "explicit_fp32"
     with pytest.raises(ValueError):
         forced_path("flash")
 

@@ -107,7 +107,7 @@ class WindowAttention(nn.Module):
     ``forward(x, same_image)``: x (B * nW, N, C) windows of B images (batch-major); ``same_image``
     (nW, N, N) additive mask (0 / -inf, :func:`same_image_bias`) or None, the same for every image: it is
     broadcast over the batch and heads. Tokens attend only where it is 0; the RPB is added first. The path
-    (SDPA on CUDA, explicit softmax on the CPU) is :mod:`~mim_lightning.models.backbones.window_attention`'s.
+    (SDPA, or the explicit softmax for bf16 on CPUs with native bf16) is :mod:`~mim_lightning.models.backbones.window_attention`'s.
     """
 
     def __init__(self, dim: int, window: int, num_heads: int, qkv_bias: bool = True) -> None:

@@ -21,7 +21,7 @@ official order (x0=[0::2,0::2], x1=[1::2,0::2], x2=[0::2,1::2], x3=[1::2,1::2]),
 permutation is needed. Blocks run on (B, H, W, C) tensors. Window attention (relative position bias, plus
 the -100 shift mask in shifted blocks, broadcast over the batch) takes the fastest path for the device and
 dtype, see :mod:`~mim_lightning.models.backbones.window_attention`: ``F.scaled_dot_product_attention`` on
-CUDA, the explicit softmax on the CPU (in fp32 under bf16 autocast on CPUs without native bf16). Same math
+CUDA and the CPU, the explicit softmax for bf16 on CPUs with native bf16 units. Same math
 as the official explicit softmax, not bit-identical. :func:`use_sdpa_window_attention` switches timm's
 ``WindowAttention`` modules (here and in timm's ``SwinTransformer`` classifier) to it.
 
@@ -63,7 +63,7 @@ class FastWindowAttention(WindowAttention):
 
 def use_sdpa_window_attention(model: nn.Module) -> int:
     """Switch every timm Swin ``WindowAttention`` in ``model`` to :class:`FastWindowAttention` (SDPA on
-    CUDA, the explicit softmax on the CPU; see :mod:`~mim_lightning.models.backbones.window_attention`)
+    CUDA and mostly on the CPU, explicit softmax for bf16 on native-bf16 CPUs; see :mod:`~mim_lightning.models.backbones.window_attention`)
     and mark it ``fused_attn`` (it no longer runs timm's own explicit branch). Same parameters and math.
     Attention dropout is not supported (0 in every Swin recipe here). Returns the number switched."""
     switched = 0
