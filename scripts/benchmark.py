@@ -370,6 +370,168 @@ def first_batch(cfg: Any) -> dict:
     return {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
 
 
+# -------------------------------------------- issue #19: timm reference encoders and the Lightning overhead
+def reference_encoder(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """A timm encoder at the method encoder's geometry, with timm's own attention defaults (explicit softmax
+    for Swin, ``fused_attn`` SDPA for ViT), or None where timm has none (HiViT). Swin: ``SwinTransformer``
+    with the method's window (SimMIM: 6 at 192 px; MixMIM: 14, clamped by timm to global attention on maps
+    not larger than it, as MixMIM does; timm shifts every second block, MixMIM never does)."""
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or type(model).__name__ == "ITPNPixel" or not hasattr(encoder, "img_size"):
+        return None
+    size = tuple(encoder.img_size)
+    if hasattr(encoder, "layers"):  # a Swin (SimMIM's SwinEncoder or MixMIM's encoder)
+        stages = list(encoder.layers)
+        blocks = [stage.blocks for stage in stages]
+        window = swin_window(model)
+        first = blocks[0][0]
+        heads = [stage_blocks[0].attn.num_heads for stage_blocks in blocks]
+        mlp_ratio = first.mlp.fc1.out_features / first.mlp.fc1.in_features
+        reference = SwinTransformer(img_size=size, patch_size=encoder.patch_size, embed_dim=encoder.embed_dim,
+                                    depths=[len(b) for b in blocks], num_heads=heads, window_size=window,
+                                    mlp_ratio=mlp_ratio, num_classes=0)
+        return reference, f"timm SwinTransformer (window {window}, explicit softmax)"
+    if hasattr(encoder, "blocks"):  # a ViT
+        first = encoder.blocks[0]
+        reference = VisionTransformer(img_size=size, patch_size=encoder.patch_size, embed_dim=encoder.embed_dim,
+                                      depth=len(encoder.blocks), num_heads=first.attn.num_heads,
+                                      mlp_ratio=first.mlp.fc1.out_features / first.mlp.fc1.in_features, num_classes=0)
+        return reference, "timm VisionTransformer (fused SDPA)"
+    return None
+
+
+def encoder_call(model: nn.Module, mask: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The method's encoder on all tokens as the method runs it (SimMIM: with its mask token; MixMAE: mixing
+    with its same-image restriction; MAE: all patches, as the reference)."""
+    encoder = model.encoder
+    name = type(model).__name__
+    if name == "SimMIM":
+        return lambda images: encoder.forward_tokens(images, model.check_mask(mask, images.shape[0]).to(images.device))
+    if name == "MixMAE":
+        return lambda images: encoder(images, model.check_mask(mask.to(images.device)))
+    return lambda images: encoder(images)
+
+
+def encoder_step(forward: Callable[[torch.Tensor], torch.Tensor], params: Any, cpu_images: torch.Tensor,
+                 device: torch.device, precision: str) -> Callable[[], Any]:
+    """Forward + ``mean(features^2)`` + backward + AdamW: an encoder's share of a training step."""
+    optimizer = make_optimizer(torch.optim.AdamW, [p for p in params if p.requires_grad], 1e-4, device)
+
+    def step() -> torch.Tensor:
+        images = cpu_images.to(device, non_blocking=True)
+        with autocast(device, precision):
+            loss = forward(images).float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def alternate(steps: dict[str, Callable[[], Any]], warmup: int, count: int, device: torch.device) -> dict[str, list[float]]:
+    """Run the steps in turn (order reversed every round), ``warmup`` rounds untimed: per-step times."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for index in range(count):
+        for name in (names if index % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(top: Sequence[float], bottom: Sequence[float]) -> float:
+    """Median of the per-step ratios (steps timed alternately, so slow phases of a busy machine cancel)."""
+    return statistics.median(a / b for a, b in zip(top, bottom))
+
+
+def measure_reference(model: nn.Module, cpu_batch: dict, device: torch.device, precision: str,
+                      args: argparse.Namespace, compiled: bool, options: dict) -> dict[str, Any] | None:
+    """The method's encoder against its timm reference, alternately in this process: ``encoder_vs_reference``
+    is the median per-step time ratio (above 1 = ours is slower; the target is at most 1.05)."""
+    built = reference_encoder(model)
+    if built is None:
+        return None
+    reference, name = built
+    torch.manual_seed(0)
+    reference = reference.to(device)
+    compile_in_place(reference, compiled, options)
+    images = cpu_batch["images"]
+    ours = encoder_step(encoder_call(model, cpu_batch.get("mask")), model.encoder.parameters(), images, device, precision)
+    theirs = encoder_step(reference.forward_features, reference.parameters(), images, device, precision)
+    times = alternate({"ours": ours, "reference": theirs}, args.warmup, args.steps, device)
+    return {"model": name, "encoder_step_s": statistics.median(times["ours"]),
+            "reference_step_s": statistics.median(times["reference"]),
+            "encoder_vs_reference": median_ratio(times["ours"], times["reference"])}
+
+
+class _StepTimer:
+    """A Lightning callback: the time between the starts of consecutive training batches (the whole loop step)."""
+
+    def __new__(cls):
+        from lightning.pytorch.callbacks import Callback
+
+        class StepTimer(Callback):
+            def __init__(self) -> None:
+                self.starts: list[float] = []
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                self.starts.append(time.perf_counter())
+
+            def on_train_end(self, trainer, pl_module) -> None:
+                self.starts.append(time.perf_counter())
+
+            def steps(self) -> list[float]:
+                return [b - a for a, b in zip(self.starts, self.starts[1:])]
+
+        return StepTimer()
+
+
+def lightning_overhead(cfg: Any, cpu_batch: dict, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The full ``trainer.fit`` step (loader, hooks, logging, precision plugin, optimizer and schedule through
+    Lightning) against the bare step of :func:`pretrain_step` in a plain loop, on the same batch, on the CPU.
+    Blocks of ``--steps`` steps alternate (fit, bare, fit, bare); ``lightning_overhead`` is the ratio of the
+    medians minus 1 (target under 5 %)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, Dataset
+
+    class Repeat(Dataset):
+        def __len__(self) -> int:
+            return args.steps + args.warmup
+
+        def __getitem__(self, index: int) -> dict:
+            return cpu_batch
+
+    device = torch.device("cpu")
+    torch.manual_seed(int(cfg.seed))
+    fit_module = build_pretrain_module(cfg)
+    torch.manual_seed(int(cfg.seed))
+    bare_module = build_pretrain_module(cfg)
+    bare = pretrain_step(bare_module, cpu_batch, device, precision, False)
+    fit_times: list[float] = []
+    bare_times: list[float] = []
+    for _ in range(2):
+        timer = _StepTimer()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps + args.warmup, max_epochs=1,
+                             precision="bf16-mixed" if precision == "bf16" else "32-true", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
+        trainer.fit(fit_module, train_dataloaders=DataLoader(Repeat(), batch_size=None))
+        fit_times += timer.steps()[args.warmup:]
+        bare_times += alternate({"bare": bare}, args.warmup, args.steps, device)["bare"]
+    fit_s, bare_s = statistics.median(fit_times), statistics.median(bare_times)
+    return {"fit_step_s": fit_s, "bare_step_s": bare_s, "lightning_overhead": fit_s / bare_s - 1.0}
+
+
 # ------------------------------------------------------------------------------------------- one config
 def target_name(node: Any, module: bool = False) -> str | None:
     """The class (or, with ``module``, the module) a config node's ``_target_`` names."""
@@ -440,6 +602,7 @@ def run_config(label: str | None, overrides: list[str], args: argparse.Namespace
                                  compiled)
                 module = built.pop("module")
                 record["params_m"] = sum(p.numel() for p in module.model.parameters()) / 1e6
+                record["window_attention"] = window_attention_path(module.model, device, precision)
                 record.update(result)
                 is_mae = type(module.model) is MaskedAutoencoder
                 recipe = (type(module), dict(optimizer=module.optimizer_factory, weight_decay=module.weight_decay,
@@ -468,11 +631,33 @@ def run_config(label: str | None, overrides: list[str], args: argparse.Namespace
                     supervised = measure(make_supervised, args, device, batch_size, precision, compiled)
                     record["supervised"] = dict(summary(supervised), model=built.pop("name"))
                     record["vs_supervised"] = result["images_per_sec"] / supervised["images_per_sec"]
+                if args.baseline:  # issue #19: the encoder against timm's, alternately
+                    torch.manual_seed(int(cfg.seed))
+                    reference_module = build_pretrain_module(cfg).to(device)
+                    compile_in_place(reference_module.model.encoder, compiled, options)
+                    reference = measure_reference(reference_module.model, cpu_batch, device, precision, args,
+                                                  compiled, options)
+                    del reference_module
+                    if reference is not None:
+                        record["reference"] = reference
+                        record["encoder_vs_reference"] = reference["encoder_vs_reference"]
+                    if args.lightning_overhead and device.type == "cpu" and not compiled:
+                        record["lightning"] = lightning_overhead(cfg, cpu_batch, precision, args)
+                        record["lightning_overhead"] = record["lightning"]["lightning_overhead"]
                 gc.collect()
                 record["loader"] = loader
                 feeding = loader.get("workersN") or loader.get("workers0")
                 record["loader_vs_model"] = feeding["images_per_sec"] / result["images_per_sec"] if feeding else None
                 emit(record)
+
+
+def window_attention_path(model: nn.Module, device: torch.device, precision: str) -> str | None:
+    """The window-attention path a Swin-family encoder takes here (None for the others)."""
+    from mim_lightning.models.backbones.window_attention import attention_path
+
+    if not hasattr(getattr(model, "encoder", None), "layers"):
+        return None
+    return attention_path(device, torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -502,7 +687,7 @@ def fmt(value: Any, digits: int = 1, suffix: str = "") -> str:
 
 TABLE_HEADER = ("| case | device | precision | compile | img/s | step (ms) | peak mem (MB) | GFLOP/img | MFU "
                 "| vs supervised | visible / all tokens | loader img/s (0 workers) | loader img/s per worker "
-                "| loader / model |")
+                "| loader / model | attention | encoder / timm ref | Lightning overhead |")
 
 
 def table_row(record: dict[str, Any]) -> str:
@@ -514,11 +699,14 @@ def table_row(record: dict[str, Any]) -> str:
     gflop_img = f"{flops / record['batch_size'] / 1e9:.3g}" if flops else "-"
     mfu = record.get("mfu")
     case = f"{record['label']} {record['image_size']}px b{record['batch_size']}"
+    overhead = record.get("lightning_overhead")
     return (f"| {case} | {record['device']} | {record['precision']} | {'on' if record['compile'] else 'off'} "
             f"| {fmt(record['images_per_sec'])} | {fmt(record['step_s'] * 1e3, 0)} | {fmt(record['peak_mem_mb'], 0)} "
             f"| {gflop_img} | {fmt(None if mfu is None else 100 * mfu, 1, '%')} "
             f"| {fmt(record.get('vs_supervised'), 2, 'x')} | {fmt(record.get('visible_vs_all_tokens'), 2, 'x')} "
-            f"| {fmt(zero, 0)} | {per_worker} | {fmt(record.get('loader_vs_model'), 1, 'x')} |")
+            f"| {fmt(zero, 0)} | {per_worker} | {fmt(record.get('loader_vs_model'), 1, 'x')} "
+            f"| {record.get('window_attention') or '-'} | {fmt(record.get('encoder_vs_reference'), 2, 'x')} "
+            f"| {fmt(None if overhead is None else 100 * overhead, 1, '%')} |")
 
 
 def markdown(records: list[dict[str, Any]], command: str) -> str:
@@ -540,7 +728,11 @@ def markdown(records: list[dict[str, Any]], command: str) -> str:
         "precision (above 1 = the method's step is faster). `visible / all tokens`: MAE over the same ViT run on "
         "all patches with a mask token (the paper reports about 3x for ViT-L). Loader: the DataModule alone "
         "(decode, crop, flip, normalize, mask, collate); `loader / model` is the loader with its configured workers "
-        "over the model's img/s (below 1 = the loader cannot keep up).",
+        "over the model's img/s (below 1 = the loader cannot keep up). `attention`: the window-attention path of a Swin "
+        "encoder (mim_lightning.models.backbones.window_attention). `encoder / timm ref` (--baseline): the method's "
+        "encoder step (forward, mean square, backward, AdamW) over timm's encoder at the same geometry with timm's "
+        "attention defaults, timed alternately in one process, median of per-step ratios (above 1 = ours is slower). "
+        "`Lightning overhead` (--lightning-overhead): the trainer.fit step over the bare step on the same batch, minus 1.",
         "",
         TABLE_HEADER,
         "|" + "---|" * (TABLE_HEADER.count("|") - 1),
@@ -578,6 +770,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the device's peak TFLOP/s for MFU (known for H100/H200/A100/L4/L40S/A10 otherwise)")
     parser.add_argument("--channels-last", action="store_true", help="images and model in channels-last memory format")
     parser.add_argument("--no-baselines", action="store_true", help="skip the supervised and all-tokens baselines")
+    parser.add_argument("--baseline", action="store_true", help="also time each method's encoder against a timm "
+                        "reference encoder (explicit-attention defaults), alternately in this process")
+    parser.add_argument("--lightning-overhead", action="store_true", help="with --baseline: the trainer.fit step "
+                        "against the bare step on the same batch (CPU, compile off)")
     parser.add_argument("--no-loader", action="store_true", help="skip the loader measurement")
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting (and MFU)")
     parser.add_argument("--out", default="outputs/benchmark", help="folder for benchmarks.jsonl and benchmarks.md")

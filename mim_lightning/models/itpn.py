@@ -47,12 +47,12 @@ import torch
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.losses import denormalize_patches, masked_mse, normalize_patches, patchify, unpatchify
+from mim_lightning.losses import masked_mse, normalize_patches, patchify
 from mim_lightning.masking import check_ratio
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
 from mim_lightning.models.mae import check_heads, device_unit_mask, visible_first_order
-from mim_lightning.models.output import MIMOutput
+from mim_lightning.models.output import MIMOutput, PatchPixels
 from mim_lightning.models.pos_embed import sincos_2d
 
 
@@ -240,12 +240,13 @@ class ITPNPixel(nn.Module):
         encoding = self.encode(images, mask)
         pred = self.decoder(encoding.levels, encoding.ids_restore)
         target = patchify(images, self.patch_size)
+        mean = var = None
         if self.norm_pix_loss:
             normalized, mean, var = normalize_patches(target)
             loss = masked_mse(pred, normalized, encoding.mask)
-            pixels = denormalize_patches(pred.float(), mean, var)
         else:
             loss = masked_mse(pred, target, encoding.mask)
-            pixels = pred.float()
-        return MIMOutput(loss=loss, pred=unpatchify(pixels, self.patch_size, self.grid, images.shape[1]),
-                         mask=encoding.mask.reshape(images.shape[0], *self.grid), latent=encoding.latent)
+        # the display image is made only when ``output.pred`` is read (reconstruction callback, eval)
+        display = PatchPixels(pred, self.patch_size, self.grid, images.shape[1], mean, var)
+        return MIMOutput(loss=loss, pred=display, mask=encoding.mask.reshape(images.shape[0], *self.grid),
+                         latent=encoding.latent)

@@ -348,11 +348,7 @@ class ITPNClip(nn.Module):
 
     def agreement_map(self, pred: torch.Tensor, target: torch.Tensor, batch: int) -> torch.Tensor:
         """Per-unit cosine similarity as a grey image (B, 3, H, W) in the input's normalized space."""
-        with torch.no_grad():
-            grey = (F.cosine_similarity(pred.detach().float(), target, dim=-1) + 1.0) / 2.0
-            grey = grey.reshape(batch, 1, *self.grid).expand(-1, 3, -1, -1)
-            grey = (grey - self.data_mean) / self.data_std
-            return grey.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
+        return AgreementMap(self, pred, target, batch).render()
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         batch = images.shape[0]
@@ -363,9 +359,26 @@ class ITPNClip(nn.Module):
         main, aux, latent = self.predict(images, flat_mask)
         loss_main = F.smooth_l1_loss(main.float(), target, beta=self.loss_beta)
         loss_aux = F.smooth_l1_loss(aux.float(), target, beta=self.loss_beta)
-        return MIMOutput(loss=loss_main + loss_aux, pred=self.agreement_map(main, target, batch),
+        # the agreement map is made only when ``output.pred`` is read (reconstruction callback, eval)
+        return MIMOutput(loss=loss_main + loss_aux, pred=AgreementMap(self, main, target, batch),
                          mask=flat_mask.reshape(batch, *self.grid), latent=latent,
                          losses={"loss_main": loss_main.detach(), "loss_aux": loss_aux.detach()})
 
 
-__all__ = ["ClipTeacher", "ITPNClip"]
+class AgreementMap:
+    """``output.pred`` of :class:`ITPNClip`, rendered on first read (see :class:`~mim_lightning.models.output.MIMOutput`)."""
+
+    def __init__(self, model: ITPNClip, pred: torch.Tensor, target: torch.Tensor, batch: int) -> None:
+        self.pred, self.target, self.batch = pred.detach(), target.detach(), batch
+        self.grid, self.patch_size = model.grid, model.patch_size
+        self.data_mean, self.data_std = model.data_mean, model.data_std
+
+    def render(self) -> torch.Tensor:
+        with torch.no_grad():
+            grey = (F.cosine_similarity(self.pred.float(), self.target.float(), dim=-1) + 1.0) / 2.0
+            grey = grey.reshape(self.batch, 1, *self.grid).expand(-1, 3, -1, -1)
+            grey = (grey - self.data_mean) / self.data_std
+            return grey.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
+
+
+__all__ = ["AgreementMap", "ClipTeacher", "ITPNClip"]

@@ -25,11 +25,11 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.losses import denormalize_patches, masked_mse, normalize_patches, patchify, unpatchify
+from mim_lightning.losses import masked_mse, normalize_patches, patchify
 from mim_lightning.masking import check_ratio, random_mask
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.vit import ViTEncoder, init_linear_and_norm, vit_from_spec
-from mim_lightning.models.output import MIMOutput
+from mim_lightning.models.output import MIMOutput, PatchPixels
 from mim_lightning.models.pos_embed import sincos_2d
 
 
@@ -157,12 +157,12 @@ class MaskedAutoencoder(nn.Module):
         """The loss (MSE on hidden patches, per-patch normalized targets with ``norm_pix_loss``) and the
         output of decoder predictions ``pred`` (B, L, p*p*C) for ``images`` under ``flat_mask`` (B, L)."""
         target = patchify(images, self.patch_size)
+        mean = var = None
         if self.norm_pix_loss:
             normalized, mean, var = normalize_patches(target)
             loss = masked_mse(pred, normalized, flat_mask)
-            pixels = denormalize_patches(pred.float(), mean, var)
         else:
             loss = masked_mse(pred, target, flat_mask)
-            pixels = pred.float()
-        return MIMOutput(loss=loss, pred=unpatchify(pixels, self.patch_size, self.grid, images.shape[1]),
-                         mask=flat_mask.reshape(images.shape[0], *self.grid), latent=latent)
+        # the display image is made only when ``output.pred`` is read (reconstruction callback, eval)
+        display = PatchPixels(pred, self.patch_size, self.grid, images.shape[1], mean, var)
+        return MIMOutput(loss=loss, pred=display, mask=flat_mask.reshape(images.shape[0], *self.grid), latent=latent)

@@ -34,12 +34,12 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.losses import denormalize_patches, normalize_patches, patchify, unpatchify
+from mim_lightning.losses import normalize_patches, patchify
 from mim_lightning.masking import check_ratio, check_ratio_range, mix_mask
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.mixmim import DEFAULT_WINDOWS, MixMIMEncoder, mixmim_from_spec
 from mim_lightning.models.backbones.vit import init_linear_and_norm
-from mim_lightning.models.output import MIMOutput
+from mim_lightning.models.output import MIMOutput, PatchPixels
 from mim_lightning.models.pos_embed import sincos_2d
 
 
@@ -173,11 +173,10 @@ class MixMAE(nn.Module):
         flat_mask = mask.reshape(1, -1)
         pred = unmix(self.decoder(latent, flat_mask), flat_mask).float()
         target = patchify(images, self.stride)
+        mean = var = None
         if self.norm_pix_loss:
             target, mean, var = normalize_patches(target)
-            pixels = denormalize_patches(pred, mean, var)
-        else:
-            pixels = pred
         loss = (pred - target.float()).pow(2).mean()
-        return MIMOutput(loss=loss, pred=unpatchify(pixels, self.stride, self.grid, images.shape[1]), mask=mask,
-                         latent=latent)
+        # the display image is made only when ``output.pred`` is read (reconstruction callback, eval)
+        display = PatchPixels(pred, self.stride, self.grid, images.shape[1], mean, var)
+        return MIMOutput(loss=loss, pred=display, mask=mask, latent=latent)

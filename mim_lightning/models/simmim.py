@@ -117,4 +117,4 @@ class SimMIM(nn.Module):
         pred = self.decoder(self.encoder.to_map(tokens))
         loss = masked_pixel_l1(pred, images, mask)
         latent = tokens if tokens.ndim == 3 else tokens.flatten(1, 2)
-        return MIMOutput(loss=loss, pred=pred.float(), mask=mask, latent=latent)
+        return MIMOutput(loss=loss, pred=pred, mask=mask, latent=latent)  # ``output.pred`` is float on read

@@ -26,10 +26,11 @@ Differences from the official code:
   (maps 56/28/14/7) this is exactly the official 14/14/14(global)/7(global); at 384px with
   [16, 16, 24, 12] too. Where the official code would fail (a map larger than the window and not a
   multiple of it, e.g. 16x16 at 64px) a smaller window is used (8 at 64px, 12 at 192px).
-- Same-image attention is a boolean restriction: the RPB is masked with ``-inf`` where the two tokens
-  come from different images and the result is the additive mask of ``F.scaled_dot_product_attention``.
-  The official code subtracts 1e30 (65500 in fp16) from the scores; ``-inf`` gives exactly zero
-  weight in every dtype (fp32, bf16, fp16), so the restriction is exact under autocast.
+- Same-image attention is a boolean restriction: an additive (nW, N, N) mask, ``-inf`` where the two
+  tokens come from different images, is made once per stage and added (with the RPB) to the scores,
+  broadcast over the batch (see :mod:`~mim_lightning.models.backbones.window_attention` for the path per
+  device and dtype). The official code subtracts 1e30 (65500 in fp16) from the scores; ``-inf`` gives
+  exactly zero weight in every dtype (fp32, bf16, fp16), so the restriction is exact under autocast.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
@@ -46,6 +46,7 @@ from torch import nn
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import check_divisible, to_pair
 from mim_lightning.models.backbones.vit import init_linear_and_norm
+from mim_lightning.models.backbones.window_attention import window_attention
 from mim_lightning.models.pos_embed import sincos_2d
 
 #: The MixMIM-B/W14 windows at 224px (stages at 56/28/14/7: 16 windows, 4 windows, global, global).
@@ -93,11 +94,20 @@ def same_image_windows(mask: torch.Tensor, window: int) -> torch.Tensor:
     return tokens[:, :, None] == tokens[:, None, :]
 
 
+def same_image_bias(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """(1, H, W) bool mixing mask -> (nW, N, N) fp32 additive mask: 0 where two tokens of a window come
+    from the same source image, ``-inf`` where not. Made once per stage and batch, shared by the stage's blocks."""
+    same = same_image_windows(mask, window)
+    return torch.zeros(same.shape, device=mask.device).masked_fill_(~same, float("-inf"))
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside non-overlapping ``window x window`` windows with a learned RPB.
 
     ``forward(x, same_image)``: x (B * nW, N, C) windows of B images (batch-major); ``same_image``
-    (nW, N, N) bool or None. Tokens attend only where ``same_image`` is True; the RPB is added first.
+    (nW, N, N) additive mask (0 / -inf, :func:`same_image_bias`) or None, the same for every image: it is
+    broadcast over the batch and heads. Tokens attend only where it is 0; the RPB is added first. The path
+    (SDPA, or the explicit softmax for bf16 on CPUs with native bf16) is :mod:`~mim_lightning.models.backbones.window_attention`'s.
     """
 
     def __init__(self, dim: int, window: int, num_heads: int, qkv_bias: bool = True) -> None:
@@ -119,12 +129,9 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, same_image: torch.Tensor | None = None) -> torch.Tensor:
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.relative_position_bias().unsqueeze(0)  # (1, heads, N, N), fp32
-        if same_image is not None:
-            windows = same_image.shape[0]
-            bias = bias.masked_fill(~same_image[:, None], float("-inf"))  # (nW, heads, N, N)
-            bias = bias.unsqueeze(0).expand(bw // windows, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        if same_image is not None and same_image.dtype == torch.bool:
+            same_image = torch.zeros(same_image.shape, device=x.device).masked_fill_(~same_image, float("-inf"))
+        x = window_attention(q, k, v, self.relative_position_bias(), same_image)
         return self.proj(x.transpose(1, 2).reshape(bw, n, c))
 
 
@@ -171,7 +178,7 @@ class MixMIMLayer(nn.Module):
         self.downsample = PatchMerging(dim, 2 * dim, norm_layer=nn.LayerNorm) if downsample else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        same_image = None if mask is None else same_image_windows(mask, self.window)
+        same_image = None if mask is None else same_image_bias(mask, self.window)  # once per stage, not per block
         for block in self.blocks:
             x = block(x, same_image)
         if self.downsample is not None:

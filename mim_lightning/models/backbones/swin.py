@@ -18,11 +18,12 @@ timm's own ``SwinTransformer`` puts the patch merging at the *start* of a stage,
 ``layers.{i+1}.downsample.*`` is this encoder's (and the official) ``layers.{i}.downsample.*``;
 every other name is the same. timm's ``PatchMerging`` concatenates the 2x2 neighbours in the
 official order (x0=[0::2,0::2], x1=[1::2,0::2], x2=[0::2,1::2], x3=[1::2,1::2]), so no weight
-permutation is needed. Blocks run on (B, H, W, C) tensors and attention runs through
-``F.scaled_dot_product_attention`` with the relative position bias (plus the -100 shift mask in shifted
-blocks) as its additive mask: same math as the official explicit softmax, not bit-identical. timm keeps
-that path behind an "experimental" flag for Swin (``fused_attn=False`` by default);
-:func:`use_sdpa_window_attention` turns it on here and for timm's ``SwinTransformer`` classifier.
+permutation is needed. Blocks run on (B, H, W, C) tensors. Window attention (relative position bias, plus
+the -100 shift mask in shifted blocks, broadcast over the batch) takes the fastest path for the device and
+dtype, see :mod:`~mim_lightning.models.backbones.window_attention`: ``F.scaled_dot_product_attention`` on
+CUDA and the CPU, the explicit softmax for bf16 on CPUs with native bf16 units. Same math
+as the official explicit softmax, not bit-identical. :func:`use_sdpa_window_attention` switches timm's
+``WindowAttention`` modules (here and in timm's ``SwinTransformer`` classifier) to it.
 
 Windows follow the official rule: a stage whose map is not larger than the window attends
 globally (window = map side, no shift). Maps that are not a multiple of the window are rejected
@@ -41,21 +42,40 @@ from torch import nn
 
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import check_divisible, to_pair
+from mim_lightning.models.backbones.window_attention import window_attention
 
 #: The image size of SimMIM's Swin pretraining configs; ``backbone.simmim_window_size`` is the window there.
 SIMMIM_SWIN_IMAGE_SIZE = 192
 
 
+class FastWindowAttention(WindowAttention):
+    """timm's ``WindowAttention`` (same parameters, buffers and math) whose attention runs on the path
+    :func:`~mim_lightning.models.backbones.window_attention.attention_path` picks for the device and dtype,
+    with the shift mask broadcast over the batch instead of expanded to every window of every image."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        windows, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(windows, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self._get_rel_pos_bias()
+        x = window_attention(q, k, v, bias, mask, scale=self.scale)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(windows, n, -1)))
+
+
 def use_sdpa_window_attention(model: nn.Module) -> int:
-    """Make every timm Swin ``WindowAttention`` in ``model`` use ``F.scaled_dot_product_attention``
-    (timm's own ``fused_attn`` branch, off by default for Swin) instead of an explicit softmax over
-    ``QK^T * scale + bias (+ shift mask)``. Same parameters and math. Returns the number switched."""
+    """Switch every timm Swin ``WindowAttention`` in ``model`` to :class:`FastWindowAttention` (SDPA on
+    CUDA and mostly on the CPU, explicit softmax for bf16 on native-bf16 CPUs; see :mod:`~mim_lightning.models.backbones.window_attention`)
+    and mark it ``fused_attn`` (it no longer runs timm's own explicit branch). Same parameters and math.
+    Attention dropout is not supported (0 in every Swin recipe here). Returns the number switched."""
     switched = 0
     for module in model.modules():
-        if isinstance(module, WindowAttention) and not module.fused_attn:
+        if isinstance(module, WindowAttention) and not isinstance(module, FastWindowAttention):
+            module.__class__ = FastWindowAttention
             module.fused_attn = True
             switched += 1
     return switched
+
+
+use_fast_window_attention = use_sdpa_window_attention
 
 
 def _plan_windows(grid: tuple[int, int], num_stages: int, window_size: int) -> tuple[list[tuple[int, int]], int | None]:
