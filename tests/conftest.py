@@ -25,6 +25,15 @@ def _seed_and_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MIM_LIGHTNING_CACHE", str(cache))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_images(root: Path, count: int, size: int = 48, seed: int = 0, prefix: str = "img", ext: str = "png") -> list[Path]:
     """Smooth random colour images (learnable structure, not pure noise)."""
     rng = np.random.default_rng(seed)

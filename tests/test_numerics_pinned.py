@@ -90,12 +90,7 @@ def loss_and_grad_norm(case: str) -> tuple[float, float, float]:
     return float(out.loss.detach()), math.sqrt(squares), float(out.pred.detach().double().abs().sum())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.mark.parametrize("case", sorted(PINNED))
