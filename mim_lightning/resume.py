@@ -15,7 +15,7 @@ A resumed run writes ``config.resume-<N>.yaml`` beside the original ``config.yam
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +64,19 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def identity_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, stored, current)`` for every identity key whose value differs between two resolved configs."""
+def differences(stored: Mapping[str, Any], current: Mapping[str, Any],
+                keep: Callable[[str], bool] = lambda key: True) -> list[tuple[str, Any, Any]]:
+    """``(key, stored, current)`` for every dotted key accepted by ``keep`` whose value differs between two
+    resolved configs (``"<absent>"`` where one side lacks it)."""
     old, new = flatten(stored), flatten(current)
-    keys = sorted(k for k in set(old) | set(new) if is_identity_key(k))
+    keys = sorted(k for k in set(old) | set(new) if keep(k))
     return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in keys
             if _normal(old.get(k, "<absent>")) != _normal(new.get(k, "<absent>"))]
+
+
+def identity_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The :func:`differences` of identity keys: what would change the run."""
+    return differences(stored, current, is_identity_key)
 
 
 def _normal(value: Any) -> Any:
@@ -190,22 +197,23 @@ def restore_run_config(app: str, overrides: Sequence[str], groups: Sequence[str]
     if chooses_group:
         # A repeated command line composes to the same run; anything else shows as a difference.
         fresh = OmegaConf.to_container(compose(app, [*rest, f"run_dir={run_dir}"]), resolve=True)
-        differences = identity_differences(stored, fresh)
+        refused = identity_differences(stored, fresh)
         if not force:
-            refuse_changes(differences, str(run_dir))
+            refuse_changes(refused, str(run_dir))
         base = OmegaConf.create(fresh)
-        changed = [(k, o, n) for k, o, n in _all_differences(stored, fresh) if not is_identity_key(k) or force]
+        changed = [(k, o, n) for k, o, n in differences(stored, fresh, lambda k: not _under(k, CONTROL_KEYS))
+                   if not is_identity_key(k) or force]
     else:
         base = OmegaConf.create(stored)
         _check_keys_exist(base, parse_key_values(rest))
-        differences = []
+        refused = []
         for kind, key, value in parse_key_values(rest):
             old = OmegaConf.select(base, key, default="<absent>")
             new = "<absent>" if kind == "delete" else value
             if _normal(_plain(old)) != _normal(_plain(new)) and is_identity_key(key):
-                differences.append((key, _plain(old), _plain(new)))
+                refused.append((key, _plain(old), _plain(new)))
         if not force:
-            refuse_changes(differences, str(run_dir))
+            refuse_changes(refused, str(run_dir))
         changed = []
         for kind, key, value in parse_key_values(rest):
             old = _plain(OmegaConf.select(base, key, default="<absent>"))
@@ -247,10 +255,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (DictConfig,)) or OmegaConf.is_list(value):
         return OmegaConf.to_container(value, resolve=True)
     return value
-
-
-def _all_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    old, new = flatten(stored), flatten(current)
-    skip = ("run_dir", "resume", "ckpt_path", "resume_force")
-    return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
-            if not _under(k, skip) and _normal(old.get(k, "<absent>")) != _normal(new.get(k, "<absent>"))]
