@@ -396,7 +396,8 @@ def _mixmim(backbone: Mapping[str, Any], img_size: int | Sequence[int], num_clas
                             no_weight_decay=(), allowed_missing=("head.",), ignored_unexpected=(), grid=encoder.grid)
     classifier.key_map = lambda state: {"encoder." + k: v for k, v in state.items() if not k.endswith("attn_mask")}
     classifier.rel_pos_mode = "bicubic"  # MixMIM resizes RPB tables with F.interpolate(bicubic)
-    classifier.no_weight_decay_keys = ("absolute_pos_embed", "relative_position_bias_table")
+    # models_mixmim_ft.py no_weight_decay() is empty: the 2-D relative position tables are decayed (the fixed
+    # sin-cos absolute_pos_embed is not trained)
     return classifier
 
 
@@ -420,7 +421,8 @@ def _hivit(backbone: Mapping[str, Any], img_size: int | Sequence[int], num_class
                             ignored_unexpected=(), grid=encoder.grid)
     classifier.allowed_missing_suffixes = ("relative_position_bias_table",)  # not in pixel checkpoints: zeros
     classifier.key_map = lambda state: {"encoder." + k: v for k, v in state.items()}
-    classifier.no_weight_decay_keys = ("relative_position_bias_table",)
+    # models_itpn.py no_weight_decay() = {absolute_pos_embed}; the tables by name, as param_groups_lrd
+    classifier.no_weight_decay_keys = ("absolute_pos_embed", "relative_position_bias_table")
     # iTPN normalizes the decay to a 12-block ViT-B depth: decay_eff = decay ** (13 / num_layers).
     classifier.effective_decay = lambda decay: decay ** (13.0 / num_layers)
     return classifier
