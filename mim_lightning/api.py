@@ -303,7 +303,7 @@ def build_finetune_module(cfg: DictConfig, num_classes: int | None = None) -> pl
     """The finetuning / linear-probing LightningModule of a composed ``conf/finetune.yaml``
     (``module.model`` is the plain classifier), with ``cfg.pretrained`` loaded into its encoder,
     compiled in place with ``compile=true``."""
-    from mim_lightning.methods.finetune import build_finetune_module as build
+    from mim_lightning.modules.finetune import build_finetune_module as build
     from mim_lightning.models.backbones.swin import use_sdpa_window_attention
     from mim_lightning.optim import compile_in_place
 

@@ -180,7 +180,7 @@ def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:
     SIGTERM/SIGUSR1 (after ``last.ckpt`` is written) exits 0."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from mim_lightning.methods.pretrain import NonFiniteLossError
+    from mim_lightning.modules.pretrain import NonFiniteLossError
 
     try:
         return function(*args)

@@ -69,7 +69,7 @@ from torch import nn
 
 from mim_lightning import ConfigError, build_datamodule, build_pretrain_module, compose
 from mim_lightning.api import compile_kwargs
-from mim_lightning.models.mae import MaskedAutoencoder, device_unit_mask
+from mim_lightning.methods.mae.model import MaskedAutoencoder, device_unit_mask
 from mim_lightning.models.output import MIMOutput
 from mim_lightning.optim import compile_in_place, make_optimizer
 
@@ -109,7 +109,7 @@ class MAEAllTokens(MaskedAutoencoder):
     learned ``encoder_mask_token`` (the SimMIM/BEiT way), so that it costs what MAE avoids by dropping them.
 
     Same ViT encoder (patch embedding, fixed sin-cos positions, cls token, blocks, norm), same decoder and
-    same loss as :class:`~mim_lightning.models.mae.MaskedAutoencoder`; the decoder receives every token, so it
+    same loss as :class:`~mim_lightning.methods.mae.model.MaskedAutoencoder`; the decoder receives every token, so it
     inserts no mask tokens of its own. This is the "encoder w/ [M]" row of the MAE paper's Table 1c,
     whose wall-clock comparison (3.5x for ViT-L with the 8-block decoder) the ratio reproduces.
     """
@@ -180,7 +180,7 @@ def supervised_model(cfg: Any, window: int | None) -> tuple[nn.Module, str]:
         use_sdpa_window_attention(model)
         name = f"{name} (window {window})"
     elif family == "hivit":
-        from mim_lightning.methods.finetune import build_classifier
+        from mim_lightning.modules.finetune import build_classifier
 
         model = build_classifier("hivit_avg", backbone, size, 1000, "finetune").model
         name = "HiViTClassifier (project; timm has no HiViT)"

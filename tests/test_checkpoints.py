@@ -7,7 +7,7 @@ import torch
 
 from mim_lightning import ConfigError, build_pretrain_module, compose
 from mim_lightning.checkpoints import convert_official, resize_pos_embed, resize_rel_pos_bias
-from mim_lightning.models.mae import MaskedAutoencoder
+from mim_lightning.methods.mae.model import MaskedAutoencoder
 
 VIT_TEST = {"name": "vit_test", "family": "vit", "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
             "mlp_ratio": 2.0}

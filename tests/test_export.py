@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 from mim_lightning import ConfigError
 from mim_lightning.export import export
-from mim_lightning.models.mae import MaskedAutoencoder
-from mim_lightning.models.simmim import SimMIM
+from mim_lightning.methods.mae.model import MaskedAutoencoder
+from mim_lightning.methods.simmim.model import SimMIM
 
 from conftest import REPO
 
@@ -45,7 +45,7 @@ def timm_from_file(path: Path) -> torch.nn.Module:
 
 def test_mae_vit_encoder_exports_to_timm_with_the_same_features(tmp_path):
     model = MaskedAutoencoder(VIT_TEST, img_size=32, decoder_dim=16, decoder_depth=1, decoder_heads=2).eval()
-    ckpt = fake_lightning_checkpoint(tmp_path / "mae.ckpt", model, "mim_lightning.models.mae.MaskedAutoencoder",
+    ckpt = fake_lightning_checkpoint(tmp_path / "mae.ckpt", model, "mim_lightning.methods.mae.model.MaskedAutoencoder",
                                      VIT_TEST, 32)
     out = tmp_path / "encoder.safetensors"
     meta = export(ckpt, out)
@@ -58,7 +58,7 @@ def test_mae_vit_encoder_exports_to_timm_with_the_same_features(tmp_path):
 
 def test_simmim_swin_encoder_exports_to_timm_with_the_same_features(tmp_path):
     model = SimMIM(SWIN_TEST, img_size=64, mask_unit=16).eval()
-    ckpt = fake_lightning_checkpoint(tmp_path / "simmim.ckpt", model, "mim_lightning.models.simmim.SimMIM",
+    ckpt = fake_lightning_checkpoint(tmp_path / "simmim.ckpt", model, "mim_lightning.methods.simmim.model.SimMIM",
                                      SWIN_TEST, 64, {"window_size": None})
     out = tmp_path / "swin.safetensors"
     meta = export(ckpt, out)
@@ -72,7 +72,7 @@ def test_simmim_swin_encoder_exports_to_timm_with_the_same_features(tmp_path):
 
 def test_export_cli_and_bad_input(tmp_path):
     model = MaskedAutoencoder(VIT_TEST, img_size=32, decoder_dim=16, decoder_depth=1, decoder_heads=2)
-    ckpt = fake_lightning_checkpoint(tmp_path / "mae.ckpt", model, "mim_lightning.models.mae.MaskedAutoencoder",
+    ckpt = fake_lightning_checkpoint(tmp_path / "mae.ckpt", model, "mim_lightning.methods.mae.model.MaskedAutoencoder",
                                      VIT_TEST, 32)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, "-m", "mim_lightning.export", f"ckpt={ckpt}",
@@ -111,10 +111,10 @@ def test_mixmim_and_hivit_encoders_export_in_the_documented_format(method, tmp_p
 
 
 def test_an_exported_swin_encoder_is_a_valid_pretrained_file_for_finetuning(tmp_path):
-    from mim_lightning.methods.finetune import read_pretrained
+    from mim_lightning.modules.finetune import read_pretrained
 
     model = SimMIM(SWIN_TEST, img_size=64, mask_unit=16)
-    ckpt = fake_lightning_checkpoint(tmp_path / "simmim.ckpt", model, "mim_lightning.models.simmim.SimMIM",
+    ckpt = fake_lightning_checkpoint(tmp_path / "simmim.ckpt", model, "mim_lightning.methods.simmim.model.SimMIM",
                                      SWIN_TEST, 64, {"window_size": None})
     export(ckpt, tmp_path / "swin.safetensors")
     state = read_pretrained(tmp_path / "swin.safetensors", "simmim")
@@ -125,12 +125,12 @@ def test_an_exported_swin_encoder_is_a_valid_pretrained_file_for_finetuning(tmp_
 
 
 def test_simmim_vit_encoder_exports_to_timm_beit_with_the_same_features(tmp_path):
-    from mim_lightning.methods.finetune import read_pretrained
+    from mim_lightning.modules.finetune import read_pretrained
 
     model = SimMIM(VIT_TEST, img_size=32, mask_unit=16).eval()
     with torch.no_grad():
         model.encoder.rel_pos_bias.relative_position_bias_table.normal_()  # zeros at init
-    ckpt = fake_lightning_checkpoint(tmp_path / "simmim_vit.ckpt", model, "mim_lightning.models.simmim.SimMIM",
+    ckpt = fake_lightning_checkpoint(tmp_path / "simmim_vit.ckpt", model, "mim_lightning.methods.simmim.model.SimMIM",
                                      VIT_TEST, 32)
     out = tmp_path / "beit.safetensors"
     meta = export(ckpt, out)

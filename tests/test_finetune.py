@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mim_lightning import ConfigError, build_finetune_datamodule, build_finetune_module, compose, finetune
-from mim_lightning.methods.finetune import build_classifier, vit_layer_id
+from mim_lightning.modules.finetune import build_classifier, vit_layer_id
 from mim_lightning.optim import layer_decay_param_groups
 
 from conftest import REPO, write_images
@@ -162,7 +162,7 @@ def test_bad_pretrained_inputs_are_one_line_errors(labelled, pretrained_ckpt, tm
     with pytest.raises(ConfigError, match="another size"):
         build_finetune_module(ft_cfg(labelled, tmp_path, f"pretrained={pretrained_ckpt}", "backbone=vit_micro"))
     other = torch.load(pretrained_ckpt, map_location="cpu", weights_only=False)
-    other["hyper_parameters"]["config"]["method"]["model"]["_target_"] = "mim_lightning.models.simmim.SimMIM"
+    other["hyper_parameters"]["config"]["method"]["model"]["_target_"] = "mim_lightning.methods.simmim.model.SimMIM"
     torch.save(other, tmp_path / "simmim.ckpt")
     with pytest.raises(ConfigError, match="SimMIM model") as info:
         build_finetune_module(ft_cfg(labelled, tmp_path, f"pretrained={tmp_path / 'simmim.ckpt'}"))
@@ -248,7 +248,7 @@ SWIN_TEST = {"name": "swin_test", "family": "swin", "patch_size": 4, "embed_dim"
 
 
 def test_swin_layer_ids_match_simmims_table():
-    from mim_lightning.methods.finetune import swin_layer_id
+    from mim_lightning.modules.finetune import swin_layer_id
 
     depths = [2, 2, 6, 2]  # Swin-T/B shape: sum 12, num_layers = 14 in SimMIM, scale = d ** (13 - id)
     table = {"patch_embed.proj.weight": 0, "absolute_pos_embed": 0, "mask_token": 0,
@@ -261,7 +261,7 @@ def test_swin_layer_ids_match_simmims_table():
 
 
 def test_mixmim_layer_ids_match_the_official_table_with_the_head_at_decay_1():
-    from mim_lightning.methods.finetune import build_classifier, mixmim_layer_id
+    from mim_lightning.modules.finetune import build_classifier, mixmim_layer_id
 
     depths = [2, 2, 18, 2]  # MixMIM-B: total_layers 25, scale = d ** (25 - id)
     table = {"encoder.patch_embed.proj.weight": 0, "encoder.absolute_pos_embed": 0,
@@ -284,10 +284,10 @@ def fake_checkpoint(path: Path, model: torch.nn.Module, target: str, image_size:
 
 
 def test_simmim_swin_finetunes_at_a_larger_window_with_the_rpb_centre_kept(labelled, tmp_path):
-    from mim_lightning.models.simmim import SimMIM
+    from mim_lightning.methods.simmim.model import SimMIM
 
     pre = SimMIM(SWIN_TEST, img_size=64, mask_unit=16)  # window 2 (6 at 192px, scaled)
-    ckpt = fake_checkpoint(tmp_path / "simmim.ckpt", pre, "mim_lightning.models.simmim.SimMIM", 64)
+    ckpt = fake_checkpoint(tmp_path / "simmim.ckpt", pre, "mim_lightning.methods.simmim.model.SimMIM", 64)
     cfg = ft_cfg(labelled, tmp_path, "method=simmim", "backbone=swin_test", "data.image_size=96",
                  "finetune.window_size=3", f"pretrained={ckpt}", "trainer.fast_dev_run=1")
     module = build_finetune_module(cfg)
@@ -306,10 +306,10 @@ def test_simmim_swin_finetunes_at_a_larger_window_with_the_rpb_centre_kept(label
 
 
 def test_mixmae_classifier_has_the_pretrained_features(labelled, tmp_path):
-    from mim_lightning.models.mixmae import MixMAE
+    from mim_lightning.methods.mixmae.model import MixMAE
 
     pre = MixMAE(SWIN_TEST, img_size=64, decoder_dim=16, decoder_depth=1, decoder_heads=2).eval()
-    ckpt = fake_checkpoint(tmp_path / "mixmae.ckpt", pre, "mim_lightning.models.mixmae.MixMAE", 64)
+    ckpt = fake_checkpoint(tmp_path / "mixmae.ckpt", pre, "mim_lightning.methods.mixmae.model.MixMAE", 64)
     module = build_finetune_module(ft_cfg(labelled, tmp_path, "method=mixmae", "backbone=swin_test",
                                           "data.image_size=64", f"pretrained={ckpt}"))
     images = torch.randn(2, 3, 64, 64)
@@ -326,7 +326,7 @@ def test_mixmae_classifier_has_the_pretrained_features(labelled, tmp_path):
 
 
 def test_hivit_layer_ids_follow_itpn_with_merges_taking_the_previous_id():
-    from mim_lightning.methods.finetune import hivit_layer_id
+    from mim_lightning.modules.finetune import hivit_layer_id
 
     merges = [3, 7]  # iTPN-B "3324": blocks 0-2 MLP, 3 merge, 4-6 MLP, 7 merge, 8-31 attention; num_layers 31
     table = {"encoder.patch_embed.proj.weight": 0, "encoder.absolute_pos_embed": 0, "encoder.blocks.0.mlp.fc1.weight": 1,
@@ -372,11 +372,11 @@ def test_ema_of_the_weights_is_what_the_run_ends_with(labelled, pretrained_ckpt,
 
 
 def test_mixmae_linear_probe_uses_the_mixmim_encoder(labelled, tmp_path):
-    from mim_lightning.methods.finetune import MixMIMClassifier
-    from mim_lightning.models.mixmae import MixMAE
+    from mim_lightning.modules.finetune import MixMIMClassifier
+    from mim_lightning.methods.mixmae.model import MixMAE
 
     pre = MixMAE(SWIN_TEST, img_size=64, decoder_dim=16, decoder_depth=1, decoder_heads=2).eval()
-    ckpt = fake_checkpoint(tmp_path / "mixmae.ckpt", pre, "mim_lightning.models.mixmae.MixMAE", 64)
+    ckpt = fake_checkpoint(tmp_path / "mixmae.ckpt", pre, "mim_lightning.methods.mixmae.model.MixMAE", 64)
     module = build_finetune_module(ft_cfg(labelled, tmp_path, "method=mixmae", "backbone=swin_test",
                                           "mode=linear_probe", "data.image_size=64", f"pretrained={ckpt}"))
     assert isinstance(module.model, MixMIMClassifier)  # not the SimMIM (timm Swin) classifier
@@ -518,7 +518,7 @@ def test_itpn_clip_finetune_starts_from_the_clip_encoder_with_layer_scale_and_it
     assert decay_of["encoder.blocks.4.attn.qkv.weight"] == decay_of["head.weight"] == 0.05
     # an encoder without layer scale (pixel pretraining) lacks the gamma weights: a one-line error, not a silent
     # init as the official loader's (iTPN#17)
-    from mim_lightning.models.itpn import ITPNPixel
+    from mim_lightning.methods.itpn.model import ITPNPixel
 
     pixel = ITPNPixel(dict(pre_cfg.backbone), img_size=64, fpn_dim=16, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     with pytest.raises(ConfigError, match="missing keys, e.g. encoder.blocks.0.gamma_2"):
@@ -550,7 +550,7 @@ SHRINK = {"vit": ["backbone.depth=1"], "swin": ["backbone.depths=[1,1,1,1]"],
 def test_finetune_experiments_compose(name):
     from omegaconf import OmegaConf
 
-    from mim_lightning.methods.finetune import CLASSIFIERS, PROBE_FEATURES
+    from mim_lightning.modules.finetune import CLASSIFIERS, PROBE_FEATURES
 
     cfg = compose("finetune", [f"experiment={name}", "data.root=/data/imagenet/train"])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -15,8 +15,8 @@ from mim_lightning import compose, pretrain
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import BlockMask, RandomMask, to_pair
 from mim_lightning.models.backbones.hivit import HiViT, PatchMerge, hivit_from_spec
-from mim_lightning.models.itpn import ITPNPixel
-from mim_lightning.models.itpn_clip import ITPNClip
+from mim_lightning.methods.itpn.model import ITPNPixel
+from mim_lightning.methods.itpn_clip.model import ITPNClip
 from mim_lightning.models.pos_embed import sincos_2d
 from mim_lightning.optim import param_groups
 

@@ -4,7 +4,7 @@ import torch
 
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import RandomMask
-from mim_lightning.models.mae import MaskedAutoencoder
+from mim_lightning.methods.mae.model import MaskedAutoencoder
 from mim_lightning.models.pos_embed import sincos_2d
 
 TINY = dict(name="vit_test", family="vit", patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)

@@ -13,7 +13,7 @@ from mim_lightning.errors import ConfigError
 from mim_lightning.losses import patchify
 from mim_lightning.masking import MixMask, mix_mask
 from mim_lightning.models.backbones.mixmim import MixMIMEncoder, stage_window
-from mim_lightning.models.mixmae import MixMAE, unmix
+from mim_lightning.methods.mixmae.model import MixMAE, unmix
 from mim_lightning.models.pos_embed import sincos_2d
 from mim_lightning.optim import param_groups
 

@@ -43,10 +43,10 @@ def _hidden(batch: int, length: int, count: int, seed: int) -> torch.Tensor:
 
 def build(case: str):
     """(model, images, mask) for ``case``, all from fixed seeds."""
-    from mim_lightning.models.itpn import ITPNPixel
-    from mim_lightning.models.mae import MaskedAutoencoder
-    from mim_lightning.models.mixmae import MixMAE
-    from mim_lightning.models.simmim import SimMIM
+    from mim_lightning.methods.itpn.model import ITPNPixel
+    from mim_lightning.methods.mae.model import MaskedAutoencoder
+    from mim_lightning.methods.mixmae.model import MixMAE
+    from mim_lightning.methods.simmim.model import SimMIM
 
     torch.manual_seed(0)
     if case == "mae":

@@ -102,7 +102,7 @@ def test_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, folder, nam
 
 
 def test_injected_nan_stops_with_the_step_and_the_previous_checkpoint_loads(tmp_path, folder, capsys, monkeypatch):
-    from mim_lightning.models.mae import MaskedAutoencoder
+    from mim_lightning.methods.mae.model import MaskedAutoencoder
 
     original = MaskedAutoencoder.forward
     calls = {"n": 0}
@@ -128,7 +128,7 @@ def test_injected_nan_stops_with_the_step_and_the_previous_checkpoint_loads(tmp_
 
 def inject_nan(monkeypatch, calls_with_nan: set[int]) -> None:
     """Make MAE's training loss NaN on the given (1-based) training forward calls."""
-    from mim_lightning.models.mae import MaskedAutoencoder
+    from mim_lightning.methods.mae.model import MaskedAutoencoder
 
     original = MaskedAutoencoder.forward
     calls = {"n": 0}
@@ -170,7 +170,7 @@ def test_a_nan_between_checks_never_reaches_a_checkpoint(tmp_path, folder, capsy
 
 def test_stop_reads_the_device_flag_only_every_n_steps(tmp_path, folder, monkeypatch):
     """No host-device sync per step: the flag is read every N optimizer steps, at epoch ends and before checkpoints."""
-    from mim_lightning.methods.pretrain import PretrainModule
+    from mim_lightning.modules.pretrain import PretrainModule
 
     original = PretrainModule.check_nonfinite
     reads: list[int] = []
@@ -192,7 +192,7 @@ def test_stop_reads_the_device_flag_only_every_n_steps(tmp_path, folder, monkeyp
 
 
 def test_on_nonfinite_skip_drops_the_step_and_counts_it(tmp_path, folder, monkeypatch):
-    from mim_lightning.models.mae import MaskedAutoencoder
+    from mim_lightning.methods.mae.model import MaskedAutoencoder
 
     original = MaskedAutoencoder.forward
     calls = {"n": 0}

@@ -15,7 +15,7 @@ from mim_lightning import ConfigError, build_mask_generator, build_pretrain_modu
 from mim_lightning.masking import SimMIMMask
 from mim_lightning.models.backbones.simmim_vit import SimMIMViTEncoder
 from mim_lightning.models.backbones.swin import SwinEncoder, stage_windows
-from mim_lightning.models.simmim import SimMIM
+from mim_lightning.methods.simmim.model import SimMIM
 
 from conftest import REPO
 

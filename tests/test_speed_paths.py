@@ -99,10 +99,10 @@ def test_the_same_image_check_can_fail_without_the_restriction():
 
 # ------------------------------------------------------------------------------------ no needless work
 def _models():
-    from mim_lightning.models.itpn import ITPNPixel
-    from mim_lightning.models.mae import MaskedAutoencoder
-    from mim_lightning.models.mixmae import MixMAE
-    from mim_lightning.models.simmim import SimMIM
+    from mim_lightning.methods.itpn.model import ITPNPixel
+    from mim_lightning.methods.mae.model import MaskedAutoencoder
+    from mim_lightning.methods.mixmae.model import MixMAE
+    from mim_lightning.methods.simmim.model import SimMIM
 
     vit = dict(family="vit", patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
     hivit = dict(family="hivit", patch_size=16, embed_dim=32, depth=1, mlp_depth=[1, 1], num_heads=2, mlp_ratio=2.0,

@@ -99,7 +99,7 @@ def test_metrics_and_avg_dist_fallback(tmp_path):
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- mask.ratio={0.5 if name == 'a' else 0.75}\n- trainer=cpu\n")
         (job / "config.yaml").write_text(
-            "method:\n  model:\n    _target_: mim_lightning.models.mae.MaskedAutoencoder\nbackbone:\n  name: vit_test\n"
+            "method:\n  model:\n    _target_: mim_lightning.methods.mae.model.MaskedAutoencoder\nbackbone:\n  name: vit_test\n"
             "mask:\n  _target_: mim_lightning.masking.RandomMask\n  input_size: 32\n  patch_size: 8\n  unit: 8\n"
             f"  ratio: {0.5 if name == 'a' else 0.75}\n")
         if metrics:
@@ -122,7 +122,7 @@ def make_job(root: Path, name: str, ratio: float, metrics: str | None, checkpoin
     (job / ".hydra" / "overrides.yaml").write_text(f"- mask.ratio={ratio}\n")
     (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    name: train\n    id: '{job_id or name}'\n")
     (job / "config.yaml").write_text(
-        "method:\n  model:\n    _target_: mim_lightning.models.mae.MaskedAutoencoder\nbackbone:\n  name: vit_test\n"
+        "method:\n  model:\n    _target_: mim_lightning.methods.mae.model.MaskedAutoencoder\nbackbone:\n  name: vit_test\n"
         f"mask:\n  _target_: mim_lightning.masking.RandomMask\n  input_size: 32\n  patch_size: 8\n  ratio: {ratio}\n"
         "trainer:\n  max_epochs: 2\n  max_steps: -1\n  log_every_n_steps: 1\n"
         f"callbacks:\n  checkpoint:\n    dirpath: {job / 'checkpoints'}\nlogger:\n  csv:\n    save_dir: {job}\n")

@@ -134,7 +134,7 @@ def test_empty_data_folder_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_the_run_with_a_message(tmp_path, capsys, monkeypatch):
-    from mim_lightning.models.mae import MaskedAutoencoder
+    from mim_lightning.methods.mae.model import MaskedAutoencoder
 
     original = MaskedAutoencoder.forward
 

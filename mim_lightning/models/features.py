@@ -3,15 +3,15 @@
 ``pooled_features(model, images) -> (B, D)`` runs only the model's *encoder* on the whole, unmasked
 image and pools its output tokens into one vector per image:
 
-- :class:`~mim_lightning.models.mae.MaskedAutoencoder`: ``encoder(images)`` on all patches (no
+- :class:`~mim_lightning.methods.mae.model.MaskedAutoencoder`: ``encoder(images)`` on all patches (no
   ``keep_ids``); the final-norm tokens pooled as the mean of the patch tokens (``pool="mean"``) or the
   cls token (``pool="cls"``, MAE's linear-probe protocol). D = ``embed_dim``.
-- :class:`~mim_lightning.models.simmim.SimMIM`: ``encoder.forward_tokens(images, None)`` (no mask
+- :class:`~mim_lightning.methods.simmim.model.SimMIM`: ``encoder.forward_tokens(images, None)`` (no mask
   token). ViT: final-norm patch tokens (mean) or cls; Swin: mean of the final-norm last-stage map.
   D = ``num_features``.
-- :class:`~mim_lightning.models.mixmae.MixMAE`: ``encoder(images)`` with no mixing mask (the plain
+- :class:`~mim_lightning.methods.mixmae.model.MixMAE`: ``encoder(images)`` with no mixing mask (the plain
   Swin-W14 forward); mean of the final-norm last-stage tokens (MixMIM's finetuning pool). D = ``num_features``.
-- :class:`~mim_lightning.models.itpn.ITPNPixel`, :class:`~mim_lightning.models.itpn_clip.ITPNClip`:
+- :class:`~mim_lightning.methods.itpn.model.ITPNPixel`, :class:`~mim_lightning.methods.itpn_clip.model.ITPNClip`:
   ``encoder(images)`` (stems and main stage on every unit); mean of the main-stage tokens. HiViT has no
   final norm (iTPN's finetuning adds an ``fc_norm`` after pooling); the linear probe's BatchNorm and the
   kNN's L2 normalization make the scale irrelevant. D = ``embed_dim``.
@@ -72,11 +72,11 @@ def _hivit(model: nn.Module, images: torch.Tensor, pool: str) -> torch.Tensor:
 
 
 def _builtin_poolers() -> dict[type, Pooler]:
-    from mim_lightning.models.itpn import ITPNPixel
-    from mim_lightning.models.itpn_clip import ITPNClip
-    from mim_lightning.models.mae import MaskedAutoencoder
-    from mim_lightning.models.mixmae import MixMAE
-    from mim_lightning.models.simmim import SimMIM
+    from mim_lightning.methods.itpn.model import ITPNPixel
+    from mim_lightning.methods.itpn_clip.model import ITPNClip
+    from mim_lightning.methods.mae.model import MaskedAutoencoder
+    from mim_lightning.methods.mixmae.model import MixMAE
+    from mim_lightning.methods.simmim.model import SimMIM
 
     return {MaskedAutoencoder: _mae, SimMIM: _simmim, MixMAE: _mixmae, ITPNPixel: _hivit, ITPNClip: _hivit}
 

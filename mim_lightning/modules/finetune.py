@@ -694,7 +694,7 @@ class FinetuneModule(pl.LightningModule):
             images, targets = self.mixup_fn(images, labels)
         loss = self.train_criterion(self.model(images), targets)
         if not torch.isfinite(loss):
-            from mim_lightning.methods.pretrain import NonFiniteLossError
+            from mim_lightning.modules.pretrain import NonFiniteLossError
 
             raise NonFiniteLossError(f"non-finite finetuning loss ({loss.item()}) at step {self.global_step}; "
                                      "lower finetune.lr.base or use bf16 instead of fp16")

@@ -49,7 +49,7 @@ Differences from the official code:
   the pyramid; officially they come from the hidden units' own pixels, because the stems see every unit.
 - The position embedding is the stored ``absolute_pos_embed``: all units enter the main stage, where the
   official ``interpolate_pos_encoding`` returns the table unchanged too (iTPN-pixel drops units and
-  resamples it; see :mod:`mim_lightning.models.itpn`).
+  resamples it; see :mod:`mim_lightning.methods.itpn.model`).
 - Per the official code, ``absolute_pos_embed`` is trunc-normal initialised (``ape_init``) and the two
   auxiliary blocks use LayerNorm eps 1e-5 (every other LN 1e-6).
 """
@@ -70,7 +70,7 @@ from mim_lightning.errors import ConfigError
 from mim_lightning.masking import BlockMask, check_ratio
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
-from mim_lightning.models.itpn import FeaturePyramid, check_pyramid_width, flat_unit_mask, pyramid_embed
+from mim_lightning.methods.itpn.model import FeaturePyramid, check_pyramid_width, flat_unit_mask, pyramid_embed
 from mim_lightning.models.output import MIMOutput
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

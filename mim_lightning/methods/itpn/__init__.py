@@ -1,0 +1,1 @@
+"""The itpn method: its pretraining model (model.py) and its spec (spec.py)."""

@@ -1,0 +1,1 @@
+"""The mae method: its pretraining model (model.py) and its spec (spec.py)."""

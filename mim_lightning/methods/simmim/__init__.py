@@ -1,0 +1,1 @@
+"""The simmim method: its pretraining model (model.py) and its spec (spec.py)."""
