@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mim_lightning.callbacks.checkpoint import SeedPerRank, StopOnSignal, last_checkpoint
-from mim_lightning.checkpoint_io import AtomicCheckpointIO, checkpoint_problem
+from mim_lightning.checkpoints.io import AtomicCheckpointIO, checkpoint_problem
 from mim_lightning.config import instantiate_checked, to_container
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import MaskGenerator

@@ -76,7 +76,7 @@ def precheck(app: str, argv: list[str]) -> None:
 
 def prepare_argv(app: str, argv: list[str]) -> list[str]:
     """Normalize ``group=null``, add the demo experiment where it applies, and check choices and keys."""
-    argv = normalize_overrides(argv)
+    argv = normalize_overrides(argv, app)
     overrides = _overrides(argv)
     added = with_default_experiment(app, overrides)[: len(with_default_experiment(app, overrides)) - len(overrides)]
     # among the other overrides (argparse wants them together: "-m a=1 b=2"), else last (after "--cfg job")
@@ -102,7 +102,7 @@ def restore_or_none(app: str, argv: list[str]):
     if _is_multirun(argv) or not resume_requested(argv):
         return None
     try:
-        return restore_run_config(app, normalize_overrides(_overrides(argv)), APP_GROUPS[app])
+        return restore_run_config(app, normalize_overrides(_overrides(argv), app), APP_GROUPS[app])
     except ConfigError as error:
         fail(str(error), EXIT_CONFIG_ERROR)
     return None
@@ -122,7 +122,7 @@ def print_help(app: str) -> None:
     for group in APP_GROUPS[app]:
         options = experiments_for(app) if group == "experiment" else group_options(group)
         if app == "finetune" and group == "method":
-            options = group_options("finetune/method")
+            options = group_options("finetune")
         lines.append(f"  {group:<11} {', '.join(options)}")
     lines += ["", "Keys you usually set:"]
     if app == "pretrain":
@@ -180,7 +180,7 @@ def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:
     SIGTERM/SIGUSR1 (after ``last.ckpt`` is written) exits 0."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from mim_lightning.modules.pretrain import NonFiniteLossError
+    from mim_lightning.errors import NonFiniteLossError
 
     try:
         return function(*args)

@@ -27,7 +27,9 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = (_PACKAGE_DIR / "conf") if (_PACKAGE_DIR / "conf").is_dir() else (_PACKAGE_DIR.parent / "conf")
 
 #: Config groups a user selects with ``group=option`` on the command line.
-GROUPS = ("method", "backbone", "mask", "data", "trainer", "logger", "callbacks", "experiment")
+GROUPS = ("method", "backbone", "mask", "data", "trainer", "logger", "callbacks", "experiment", "finetune")
+#: Groups an app calls by another name on its command line: finetuning's ``method=`` picks ``conf/finetune/<m>.yaml``.
+GROUP_ALIASES = {"finetune": {"method": "finetune"}}
 
 
 def _auto_precision() -> str:
@@ -98,11 +100,17 @@ def check_group_choices(overrides: Iterable[str]) -> None:
                 raise ConfigError(group, str(value), ", ".join(allowed), f"no option '{value}' in conf/{group}/")
 
 
-def normalize_overrides(overrides: Iterable[str]) -> list[str]:
-    """``group=null`` -> ``~group``: Hydra cannot set a group whose default is an option to null."""
+def normalize_overrides(overrides: Iterable[str], app: str = "pretrain") -> list[str]:
+    """``group=null`` -> ``~group``: Hydra cannot set a group whose default is an option to null; an app's group
+    alias (finetuning's ``method=``) -> the group's own name."""
     result = []
+    aliases = GROUP_ALIASES.get(app, {})
     for override in overrides:
         key, sep, value = override.partition("=")
+        bare = key.lstrip("+~")
+        if bare in aliases and "." not in key:
+            key = key[: len(key) - len(bare)] + aliases[bare]
+            override = f"{key}{sep}{value}"
         if sep and key in GROUPS and value.strip() in ("null", "None", "none"):
             result.append(f"~{key}")
         else:
@@ -180,7 +188,7 @@ def compose(config_name: str = "pretrain", overrides: Sequence[str] = ()) -> Dic
     (:func:`with_default_experiment`), exactly as ``python -m mim_lightning.train`` with the same overrides.
     Raises :class:`ConfigError` for an unknown group option or key (one line, with a close key when one exists).
     """
-    overrides = with_default_experiment(config_name, normalize_overrides(overrides))
+    overrides = with_default_experiment(config_name, normalize_overrides(overrides, config_name))
     check_group_choices(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

@@ -27,6 +27,10 @@ class ConfigError(ValueError):
         super().__init__(" ".join(text.split()))
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss or gradient became NaN or infinite; the run stops instead of training on garbage."""
+
+
 def find_config_error(exc: BaseException) -> ConfigError | None:
     """Return the first :class:`ConfigError` in ``exc``'s cause/context chain (Hydra wraps them)."""
     seen: set[int] = set()

@@ -42,136 +42,42 @@ import torch
 from mim_lightning.cli import EXIT_CONFIG_ERROR, fail
 from mim_lightning.errors import ConfigError
 
-#: timm names of the standard ViT sizes (embed_dim, depth, heads) -> size word.
-VIT_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large",
-             (1280, 32, 16): "huge"}
-BEIT_SIZES = {(768, 12, 12): "base", (1024, 24, 16): "large"}
-SWIN_SIZES = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small", (128, (2, 2, 18, 2)): "base",
-              (192, (2, 2, 18, 2)): "large"}
+def _classifier_export(config: Mapping[str, Any]):
+    """The export function of a finetuning checkpoint's classifier builder (``finetune.classifier._target_``)."""
+    import importlib
 
-
-def _square(size: Any) -> int | list[int]:
-    if isinstance(size, (list, tuple)):
-        return int(size[0]) if size[0] == size[1] else [int(s) for s in size]
-    return int(size)
-
-
-def vit_timm_spec(backbone: Mapping[str, Any], image_size: Any, global_pool: str = "token") -> tuple[str, dict]:
-    """(timm model name, create_model kwargs) for a project ViT of these sizes."""
-    dim, depth, heads, patch = (int(backbone["embed_dim"]), int(backbone["depth"]), int(backbone["num_heads"]),
-                                int(backbone["patch_size"]))
-    size = _square(image_size)
-    name = f"vit_{VIT_SIZES.get((dim, depth, heads), 'base')}_patch{patch if patch in (14, 16) else 16}_224"
-    kwargs = dict(img_size=size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                  mlp_ratio=float(backbone.get("mlp_ratio", 4.0)), global_pool=global_pool)
-    return name, kwargs
-
-
-def beit_timm_spec(backbone: Mapping[str, Any], image_size: Any, shared_rel_pos_bias: bool,
-                   global_pool: str) -> tuple[str, dict]:
-    """(timm model name, create_model kwargs) for SimMIM's BEiT-style ViT of these sizes (layer scale 0.1 as
-    pretrained; the value is overwritten by the file's ``gamma`` weights)."""
-    dim, depth, heads, patch = (int(backbone["embed_dim"]), int(backbone["depth"]), int(backbone["num_heads"]),
-                                int(backbone["patch_size"]))
-    name = f"beit_{BEIT_SIZES.get((dim, depth, heads), 'base')}_patch16_224"
-    kwargs = dict(img_size=_square(image_size), patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                  mlp_ratio=float(backbone.get("mlp_ratio", 4.0)), init_values=0.1, use_abs_pos_emb=False,
-                  use_rel_pos_bias=not shared_rel_pos_bias, use_shared_rel_pos_bias=shared_rel_pos_bias,
-                  global_pool=global_pool)
-    return name, kwargs
-
-
-def swin_timm_spec(backbone: Mapping[str, Any], image_size: Any, window_size: int) -> tuple[str, dict]:
-    dim, depths = int(backbone["embed_dim"]), tuple(int(d) for d in backbone["depths"])
-    name = f"swin_{SWIN_SIZES.get((dim, depths), 'base')}_patch4_window7_224"
-    kwargs = dict(img_size=_square(image_size), patch_size=int(backbone.get("patch_size", 4)), embed_dim=dim,
-                  depths=list(depths), num_heads=[int(h) for h in backbone["num_heads"]], window_size=int(window_size),
-                  mlp_ratio=float(backbone.get("mlp_ratio", 4.0)))
-    return name, kwargs
-
-
-def swin_to_timm(encoder_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official/SimMIM Swin encoder keys -> timm ``SwinTransformer`` keys (merging moves one stage up)."""
-    out = {}
-    for key, value in encoder_state.items():
-        if key == "mask_token" or key.endswith(("relative_position_index", "attn_mask")):
-            continue
-        parts = key.split(".")
-        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "downsample":
-            parts[1] = str(int(parts[1]) + 1)
-        out[".".join(parts)] = value
-    return out
-
-
-def timm_to_swin(timm_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`swin_to_timm` (timm ``layers.{i+1}.downsample`` -> official ``layers.{i}.downsample``)."""
-    out = {}
-    for key, value in timm_state.items():
-        parts = key.split(".")
-        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "downsample":
-            parts[1] = str(int(parts[1]) - 1)
-        out[".".join(parts)] = value
-    return out
+    target = ((config.get("finetune") or {}).get("classifier") or {})
+    target = target.get("_target_") if isinstance(target, Mapping) else None
+    builder = None
+    if target:
+        module, _, name = str(target).rpartition(".")
+        try:
+            builder = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            builder = None
+    export_fn = getattr(builder, "export", None)
+    if export_fn is None:
+        raise ConfigError("ckpt", f"a finetuning checkpoint of {target or 'an older classifier'}",
+                          "a finetuning checkpoint of a ViT classifier (MAE, SimMIM-ViT), or the pretraining "
+                          "checkpoint of the encoder", "no export for this classifier")
+    return export_fn
 
 
 def encoder_for_timm(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(timm-keyed state dict, metadata) of a Lightning checkpoint of this project."""
-    config = (checkpoint.get("hyper_parameters") or {}).get("config") or {}
-    backbone = config.get("backbone") or {}
-    family = backbone.get("family")
-    image_size = (config.get("data") or {}).get("image_size", 224)
-    state = checkpoint["state_dict"]
-    method_target = str(((config.get("method") or {}).get("model") or {}).get("_target_", ""))
-    if "finetune" in config:  # a finetuning checkpoint: the classifier is a timm model already
-        if family != "vit":
-            raise ConfigError("ckpt", family, "a finetuning checkpoint of a ViT classifier")
-        encoder = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.") and not k.startswith("model.head")}
-        pool = "avg" if any(k.startswith("fc_norm.") for k in encoder) else "token"
-        if "blocks.0.attn.q_bias" in encoder:  # SimMIM's BEiT-style ViT
-            if "rel_pos_bias.relative_position_bias_table" in encoder:
-                raise ConfigError("ckpt", "a SimMIM-ViT linear-probe checkpoint", "its pretraining checkpoint (the "
-                                  "probe does not change the encoder and keeps only the blocks up to the probed one)")
-            name, kwargs = beit_timm_spec(backbone, image_size, shared_rel_pos_bias=False, global_pool=pool)
-        else:
-            name, kwargs = vit_timm_spec(backbone, image_size, pool)
-    elif family == "vit" and method_target.endswith("SimMIM"):
-        encoder = {k[len("model.encoder."):]: v for k, v in state.items()
-                   if k.startswith("model.encoder.") and k != "model.encoder.mask_token"}
-        name, kwargs = beit_timm_spec(backbone, image_size, shared_rel_pos_bias=True, global_pool="token")
-    elif family == "vit" and any(k.startswith("model.encoder.cls_token") for k in state):
-        encoder = {k[len("model.encoder."):]: v for k, v in state.items() if k.startswith("model.encoder.")}
-        name, kwargs = vit_timm_spec(backbone, image_size)
-    elif family == "swin" and method_target.endswith("SimMIM"):
-        from mim_lightning.models.backbones.swin import simmim_window_size
+    """(state dict to write, metadata) of a Lightning checkpoint of this project: a pretraining checkpoint through
+    its method's spec (``MethodSpec.export``), a finetuning checkpoint through its classifier builder's export."""
+    from mim_lightning.methods import spec_for_checkpoint
 
-        window = ((config.get("method") or {}).get("model") or {}).get("window_size")
-        window = int(window) if window is not None else simmim_window_size(backbone, image_size)
-        encoder = swin_to_timm({k[len("model.encoder."):]: v for k, v in state.items() if k.startswith("model.encoder.")})
-        name, kwargs = swin_timm_spec(backbone, image_size, window)
-    elif method_target.endswith(("MixMAE", "ITPNPixel", "ITPNClip")):
-        encoder = {k[len("model.encoder."):]: v for k, v in state.items() if k.startswith("model.encoder.")}
-        model_cfg = (config.get("method") or {}).get("model") or {}
-        if method_target.endswith("MixMAE"):
-            builder = "mim_lightning.models.backbones.mixmim.mixmim_from_spec"
-            kwargs = {"window_size": list(model_cfg.get("window_size") or [14, 14, 14, 7])}
-        else:  # HiViT as the method built it: iTPN-CLIP with layer scale and relative position tables
-            builder = "mim_lightning.models.backbones.hivit.hivit_from_spec"
-            clip = method_target.endswith("ITPNClip")
-            kwargs = {"rpe": bool(model_cfg.get("rpe", clip))}
-            if clip and model_cfg.get("layer_scale_init", 0.1) is not None:
-                kwargs["layer_scale_init"] = float(model_cfg.get("layer_scale_init", 0.1))
-        meta = {"format": "mim_lightning", "family": str(family), "method": method_target, "builder": builder,
-                "backbone": json.dumps(dict(backbone)), "image_size": json.dumps(image_size),
-                "builder_kwargs": json.dumps(kwargs)}
-        return {k: v.detach().contiguous().clone() for k, v in encoder.items()}, meta
-    else:
-        raise ConfigError("ckpt", f"{method_target or '?'} with a {family} backbone",
-                          "a MAE (ViT), SimMIM (Swin or ViT), MixMAE or iTPN pretraining checkpoint, or a "
-                          "ViT finetuning checkpoint",
-                          "no timm model for this encoder")
-    meta = {"format": "timm", "family": str(family), "method": method_target, "timm_model": name,
-            "timm_kwargs": json.dumps(kwargs)}
-    return {k: v.detach().contiguous().clone() for k, v in encoder.items()}, meta
+    config = (checkpoint.get("hyper_parameters") or {}).get("config") or {}
+    state = checkpoint["state_dict"]
+    if "finetune" in config:  # a finetuning checkpoint: the classifier without its head
+        export_fn = _classifier_export(config)
+        encoder = {k[len("model."):]: v for k, v in state.items()
+                   if k.startswith("model.") and not k.startswith("model.head")}
+        return export_fn(encoder, config)
+    spec = spec_for_checkpoint(checkpoint)
+    encoder = {k[len(spec.encoder_prefix):]: v for k, v in state.items() if k.startswith(spec.encoder_prefix)}
+    return spec.export(encoder, config)
 
 
 def load_exported(path: str | Path) -> torch.nn.Module:

@@ -1,7 +1,7 @@
 """Finetuning / linear-probing entry point: ``python -m mim_lightning.finetune [group=option ...] [key=value ...]``.
 
 Composes ``conf/finetune.yaml``: ``method=`` names the pretraining method (its recipe is
-``conf/finetune/method/<method>.yaml``), ``pretrained=`` the weights, ``mode=finetune|linear_probe``.
+``conf/finetune/<method>.yaml``), ``pretrained=`` the weights, ``mode=finetune|linear_probe``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from mim_lightning.config import CONF_DIR
 
 
 def finetune_methods() -> list[str]:
-    """Methods with a finetuning recipe (``conf/finetune/method/*.yaml``)."""
-    return sorted(p.stem for p in (CONF_DIR / "finetune" / "method").glob("*.yaml"))
+    """Methods with a finetuning recipe (``conf/finetune/*.yaml``)."""
+    return sorted(p.stem for p in (CONF_DIR / "finetune").glob("*.yaml"))
 
 
 def check_method(argv: list[str]) -> None:
@@ -27,7 +27,7 @@ def check_method(argv: list[str]) -> None:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key == "method" and value not in finetune_methods():
-            fail(f"method={value!r}: no finetuning recipe conf/finetune/method/{value}.yaml; "
+            fail(f"method={value!r}: no finetuning recipe conf/finetune/{value}.yaml; "
                  f"allowed: {', '.join(finetune_methods())}", EXIT_CONFIG_ERROR)
 
 

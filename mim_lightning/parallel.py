@@ -158,7 +158,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         ``meta.pt``), then rename it onto ``filepath``: a save killed midway leaves the previous checkpoint of
         that name intact and a ``.<name>.<random>.tmp`` folder that the next run removes. Replacing an existing
         checkpoint takes two renames (old aside to ``.<name>.<random>.old``, new in place); the old one is
-        deleted after, or put back by :func:`mim_lightning.checkpoint_io.remove_temp_files` if a crash came between."""
+        deleted after, or put back by :func:`mim_lightning.checkpoints.io.remove_temp_files` if a crash came between."""
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         target = Path(self.broadcast(str(filepath)))
@@ -184,7 +184,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 def replace_path(source: Path, target: Path, token: str | None = None) -> None:
     """Move the complete folder (or file) ``source`` onto ``target``, which may exist (file or folder)."""
-    from mim_lightning.checkpoint_io import _fsync_folder
+    from mim_lightning.checkpoints.io import _fsync_folder
 
     old = None
     if target.exists() or target.is_symlink():

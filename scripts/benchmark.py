@@ -180,9 +180,9 @@ def supervised_model(cfg: Any, window: int | None) -> tuple[nn.Module, str]:
         use_sdpa_window_attention(model)
         name = f"{name} (window {window})"
     elif family == "hivit":
-        from mim_lightning.modules.finetune import build_classifier
+        from mim_lightning.models.classifiers.hivit import HiViTBuilder
 
-        model = build_classifier("hivit_avg", backbone, size, 1000, "finetune").model
+        model = HiViTBuilder(backbone, size).build(1000).model
         name = "HiViTClassifier (project; timm has no HiViT)"
     else:
         raise ConfigError("backbone", family, "vit, swin or hivit backbones for the supervised baseline")

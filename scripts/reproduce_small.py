@@ -80,9 +80,9 @@ class Method:
 METHODS = {
     "mae": Method("mae", "MAE", VIT, ["mask.ratio=0.75"]),
     "simmim": Method("simmim", "SimMIM", SWIN, ["method.model.window_size=4", "mask.unit=8", "mask.ratio=0.6"],
-                     ["finetune.window_size=4"]),
+                     ["finetune.classifier.window_size=4"]),
     "mixmae": Method("mixmae", "MixMAE", SWIN, ["method.model.window_size=[8,8,4]", "method.model.encoder_stride=8"],
-                     ["finetune.window_size=[8,8,4]"]),
+                     ["finetune.classifier.window_size=[8,8,4]"]),
     "itpn": Method("itpn", "iTPN-pixel", HIVIT, ["mask.ratio=0.75"]),
 }
 

@@ -14,7 +14,7 @@ from mim_lightning import ConfigError, compose
 from mim_lightning.api import build_callbacks, pretrain
 from mim_lightning.callbacks import RunCheckpoint
 from mim_lightning.callbacks.checkpoint import last_checkpoint
-from mim_lightning.checkpoint_io import TEMP_PATTERN, AtomicCheckpointIO
+from mim_lightning.checkpoints.io import TEMP_PATTERN, AtomicCheckpointIO
 
 from conftest import tiny_overrides, write_images
 

@@ -156,7 +156,7 @@ def test_official_simmim_vit_checkpoint_loads_strictly_and_into_the_finetune_cla
 
 
 def test_simmim_converter_tells_the_layouts_apart_and_rejects_other_vit_configs():
-    from mim_lightning.checkpoints import simmim_layout
+    from mim_lightning.methods.simmim.spec import simmim_layout
 
     _, vit = project_state("simmim", "vit_test", "mask.unit=16")
     _, swin = project_state("simmim", "swin_test")

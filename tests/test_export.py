@@ -111,13 +111,14 @@ def test_mixmim_and_hivit_encoders_export_in_the_documented_format(method, tmp_p
 
 
 def test_an_exported_swin_encoder_is_a_valid_pretrained_file_for_finetuning(tmp_path):
-    from mim_lightning.modules.finetune import read_pretrained
+    from mim_lightning.checkpoints.pretrained import read_pretrained
+    from mim_lightning.methods import spec_named
 
     model = SimMIM(SWIN_TEST, img_size=64, mask_unit=16)
     ckpt = fake_lightning_checkpoint(tmp_path / "simmim.ckpt", model, "mim_lightning.methods.simmim.model.SimMIM",
                                      SWIN_TEST, 64, {"window_size": None})
     export(ckpt, tmp_path / "swin.safetensors")
-    state = read_pretrained(tmp_path / "swin.safetensors", "simmim")
+    state = read_pretrained(tmp_path / "swin.safetensors", spec_named("simmim"))
     expected = {k: v for k, v in model.encoder.state_dict().items() if k != "mask_token"}
     assert set(state) == set(expected)  # back in the official layout (layers.{i}.downsample)
     for key, value in expected.items():
@@ -125,7 +126,8 @@ def test_an_exported_swin_encoder_is_a_valid_pretrained_file_for_finetuning(tmp_
 
 
 def test_simmim_vit_encoder_exports_to_timm_beit_with_the_same_features(tmp_path):
-    from mim_lightning.modules.finetune import read_pretrained
+    from mim_lightning.checkpoints.pretrained import read_pretrained
+    from mim_lightning.methods import spec_named
 
     model = SimMIM(VIT_TEST, img_size=32, mask_unit=16).eval()
     with torch.no_grad():
@@ -140,7 +142,7 @@ def test_simmim_vit_encoder_exports_to_timm_beit_with_the_same_features(tmp_path
     with torch.no_grad():  # (B, 1 + L, D) final-norm tokens, cls first
         torch.testing.assert_close(timm_model.forward_features(images), model.encoder.forward_tokens(images),
                                    atol=1e-5, rtol=1e-5)
-    state = read_pretrained(out, "simmim")  # and the file is a valid pretrained= for finetuning
+    state = read_pretrained(out, spec_named("simmim"))  # and the file is a valid pretrained= for finetuning
     expected = {k: v for k, v in model.encoder.state_dict().items() if k != "mask_token"}
     assert set(state) == set(expected)
 

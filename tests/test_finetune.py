@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mim_lightning import ConfigError, build_finetune_datamodule, build_finetune_module, compose, finetune
-from mim_lightning.modules.finetune import build_classifier, vit_layer_id
+from mim_lightning.models.classifiers.vit import ViTBuilder, vit_layer_id
 from mim_lightning.optim import layer_decay_param_groups
 
 from conftest import REPO, write_images
@@ -69,7 +69,7 @@ def test_vit_layer_ids_match_maes_table():
 
 def test_layer_decay_groups_give_maes_scales_and_no_decay_lists():
     backbone = {"family": "vit", "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
-    clf = build_classifier("vit_avg", backbone, 32, num_classes=5, mode="finetune")
+    clf = ViTBuilder(backbone, 32).build(5)
     groups = layer_decay_param_groups(clf.model, 0.05, 0.5, clf.layer_id, clf.num_layers, clf.no_weight_decay)
     scale_of = {name: g["lr_scale"] for g in groups for name in g["param_names"]}
     decay_of = {name: g["weight_decay"] for g in groups for name in g["param_names"]}
@@ -85,7 +85,7 @@ def test_layer_decay_groups_give_maes_scales_and_no_decay_lists():
 
 def test_mae_classifier_is_global_pool_with_fc_norm_and_tiny_head():
     backbone = {"family": "vit", "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
-    clf = build_classifier("vit_avg", backbone, 32, num_classes=3, mode="finetune", head_init_std=2e-5)
+    clf = ViTBuilder(backbone, 32, head_init_std=2e-5).build(3)
     model = clf.model
     assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.LayerNorm)
     assert model.fc_norm.eps == 1e-6 and model.global_pool == "avg"
@@ -98,7 +98,7 @@ def test_mae_classifier_is_global_pool_with_fc_norm_and_tiny_head():
 
 def test_linear_probe_head_is_batchnorm_without_affine_then_linear():
     backbone = {"family": "vit", "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
-    clf = build_classifier("vit_cls", backbone, 32, num_classes=3, mode="linear_probe", head_init_std=0.01)
+    clf = ViTBuilder(backbone, 32, pool="token").build(3, {"feature": "cls", "head_init_std": 0.01})
     bn, linear = clf.model.head
     assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
     assert isinstance(linear, torch.nn.Linear) and clf.model.global_pool == "token"
@@ -164,7 +164,7 @@ def test_bad_pretrained_inputs_are_one_line_errors(labelled, pretrained_ckpt, tm
     other = torch.load(pretrained_ckpt, map_location="cpu", weights_only=False)
     other["hyper_parameters"]["config"]["method"]["model"]["_target_"] = "mim_lightning.methods.simmim.model.SimMIM"
     torch.save(other, tmp_path / "simmim.ckpt")
-    with pytest.raises(ConfigError, match="SimMIM model") as info:
+    with pytest.raises(ConfigError, match="holds a simmim model") as info:
         build_finetune_module(ft_cfg(labelled, tmp_path, f"pretrained={tmp_path / 'simmim.ckpt'}"))
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="data.image_size"):
@@ -248,7 +248,7 @@ SWIN_TEST = {"name": "swin_test", "family": "swin", "patch_size": 4, "embed_dim"
 
 
 def test_swin_layer_ids_match_simmims_table():
-    from mim_lightning.modules.finetune import swin_layer_id
+    from mim_lightning.models.classifiers.swin import swin_layer_id
 
     depths = [2, 2, 6, 2]  # Swin-T/B shape: sum 12, num_layers = 14 in SimMIM, scale = d ** (13 - id)
     table = {"patch_embed.proj.weight": 0, "absolute_pos_embed": 0, "mask_token": 0,
@@ -261,7 +261,7 @@ def test_swin_layer_ids_match_simmims_table():
 
 
 def test_mixmim_layer_ids_match_the_official_table_with_the_head_at_decay_1():
-    from mim_lightning.modules.finetune import build_classifier, mixmim_layer_id
+    from mim_lightning.models.classifiers.mixmim import MixMIMBuilder, mixmim_layer_id
 
     depths = [2, 2, 18, 2]  # MixMIM-B: total_layers 25, scale = d ** (25 - id)
     table = {"encoder.patch_embed.proj.weight": 0, "encoder.absolute_pos_embed": 0,
@@ -269,7 +269,7 @@ def test_mixmim_layer_ids_match_the_official_table_with_the_head_at_decay_1():
              "encoder.layers.2.blocks.17.mlp.fc2.bias": 22, "encoder.layers.2.downsample.norm.weight": 23,
              "encoder.layers.3.blocks.1.norm1.weight": 24, "encoder.norm.weight": 24, "head.weight": 24}
     assert {name: mixmim_layer_id(name, depths) for name in table} == table
-    clf = build_classifier("mixmim_avg", SWIN_TEST, 64, num_classes=3, mode="finetune")
+    clf = MixMIMBuilder(SWIN_TEST, 64).build(3)
     groups = layer_decay_param_groups(clf.model, 0.05, 0.7, clf.layer_id, clf.num_layers)
     scale_of = {name: g["lr_scale"] for g in groups for name in g["param_names"]}
     assert scale_of["head.weight"] == pytest.approx(0.7)  # decay ** 1, not 1 as MAE
@@ -289,7 +289,7 @@ def test_simmim_swin_finetunes_at_a_larger_window_with_the_rpb_centre_kept(label
     pre = SimMIM(SWIN_TEST, img_size=64, mask_unit=16)  # window 2 (6 at 192px, scaled)
     ckpt = fake_checkpoint(tmp_path / "simmim.ckpt", pre, "mim_lightning.methods.simmim.model.SimMIM", 64)
     cfg = ft_cfg(labelled, tmp_path, "method=simmim", "backbone=swin_test", "data.image_size=96",
-                 "finetune.window_size=3", f"pretrained={ckpt}", "trainer.fast_dev_run=1")
+                 "finetune.classifier.window_size=3", f"pretrained={ckpt}", "trainer.fast_dev_run=1")
     module = build_finetune_module(cfg)
     new = module.model.layers[0].blocks[0].attn.relative_position_bias_table  # (2*3-1)^2 rows
     old = pre.encoder.layers[0].blocks[0].attn.relative_position_bias_table  # (2*2-1)^2 rows
@@ -317,7 +317,7 @@ def test_mixmae_classifier_has_the_pretrained_features(labelled, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.encoder(images), pre.encoder(images))  # no mixing, same weights
         torch.testing.assert_close(model(images), model.head(pre.encoder(images).mean(dim=1)))
-    with pytest.raises(ConfigError, match="SimMIM model|MixMAE"):
+    with pytest.raises(ConfigError, match="holds a mixmae model"):
         build_finetune_module(ft_cfg(labelled, tmp_path, "method=simmim", "backbone=swin_test", "data.image_size=64",
                                      f"pretrained={ckpt}"))
 
@@ -326,7 +326,7 @@ def test_mixmae_classifier_has_the_pretrained_features(labelled, tmp_path):
 
 
 def test_hivit_layer_ids_follow_itpn_with_merges_taking_the_previous_id():
-    from mim_lightning.modules.finetune import hivit_layer_id
+    from mim_lightning.models.classifiers.hivit import hivit_layer_id
 
     merges = [3, 7]  # iTPN-B "3324": blocks 0-2 MLP, 3 merge, 4-6 MLP, 7 merge, 8-31 attention; num_layers 31
     table = {"encoder.patch_embed.proj.weight": 0, "encoder.absolute_pos_embed": 0, "encoder.blocks.0.mlp.fc1.weight": 1,
@@ -372,7 +372,7 @@ def test_ema_of_the_weights_is_what_the_run_ends_with(labelled, pretrained_ckpt,
 
 
 def test_mixmae_linear_probe_uses_the_mixmim_encoder(labelled, tmp_path):
-    from mim_lightning.modules.finetune import MixMIMClassifier
+    from mim_lightning.models.classifiers.mixmim import MixMIMClassifier
     from mim_lightning.methods.mixmae.model import MixMAE
 
     pre = MixMAE(SWIN_TEST, img_size=64, decoder_dim=16, decoder_depth=1, decoder_heads=2).eval()
@@ -420,7 +420,7 @@ def test_simmim_vit_finetunes_with_a_copy_of_the_shared_table_in_every_block(lab
     pre, ckpt = simmim_vit
     cfg = ft_cfg(labelled, tmp_path, "method=simmim", "backbone.depth=2", f"pretrained={ckpt}",
                  "trainer.fast_dev_run=1")
-    assert cfg.finetune.classifier == "beit_avg" and cfg.finetune.layer_decay == 0.65  # the ViT values of the recipe
+    assert cfg.finetune.classifier._target_.endswith("BEiTBuilder") and cfg.finetune.layer_decay == 0.65  # the ViT values of the recipe
     module = build_finetune_module(cfg)
     model = module.model.eval()
     shared = pre.encoder.rel_pos_bias.relative_position_bias_table
@@ -534,8 +534,9 @@ def test_itpn_clip_finetune_starts_from_the_clip_encoder_with_layer_scale_and_it
 def test_mae_vit_h_recipe_is_finetune_md():
     cfg = compose("finetune", ["experiment=finetune_mae_vit_h_in1k", "data.root=/data/imagenet/train"])
     recipe = cfg.finetune
-    assert cfg.backbone.name == "vit_h" and cfg.backbone.patch_size == 14 and recipe.classifier == "vit_avg"
-    assert (recipe.lr.base, recipe.lr.base_batch_size, recipe.layer_decay, recipe.drop_path) == (1e-3, 256, 0.75, 0.3)
+    assert cfg.backbone.name == "vit_h" and cfg.backbone.patch_size == 14 and recipe.classifier.pool == "avg"
+    assert (recipe.lr.base, recipe.lr.base_batch_size, recipe.layer_decay, recipe.classifier.drop_path) == \
+        (1e-3, 256, 0.75, 0.3)
     assert cfg.trainer.max_epochs == 50 and recipe.lr.warmup_epochs == 5 and recipe.weight_decay == 0.05
     assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 1024  # 8 nodes x 8 GPUs x 16
 
@@ -550,12 +551,13 @@ SHRINK = {"vit": ["backbone.depth=1"], "swin": ["backbone.depths=[1,1,1,1]"],
 def test_finetune_experiments_compose(name):
     from omegaconf import OmegaConf
 
-    from mim_lightning.modules.finetune import CLASSIFIERS, PROBE_FEATURES
+    from hydra.utils import get_class
 
     cfg = compose("finetune", [f"experiment={name}", "data.root=/data/imagenet/train"])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    assert cfg.data.image_size == 224 and cfg.finetune.classifier in CLASSIFIERS
-    assert cfg.finetune.linear_probe.feature in PROBE_FEATURES
+    builder = get_class(cfg.finetune.classifier._target_)
+    assert cfg.data.image_size == 224 and builder.family == cfg.backbone.family
+    assert cfg.finetune.linear_probe.feature in builder.probe_features
 
 
 @pytest.mark.parametrize("name, classifier", [("finetune_mae_vit_h_in1k", "VisionTransformer"),

@@ -20,7 +20,7 @@ CASES = {
     "mae": ["method=mae", "backbone=vit_test", "data.image_size=32"],
     "simmim_swin": ["method=simmim", "backbone=swin_test", "data.image_size=64"],
     "simmim_vit": ["method=simmim", "backbone=vit_test", "data.image_size=32", "finetune.linear_probe.block=1"],
-    "mixmae": ["method=mixmae", "backbone=swin_test", "data.image_size=64", "finetune.window_size=[4,4,4,2]"],
+    "mixmae": ["method=mixmae", "backbone=swin_test", "data.image_size=64", "finetune.classifier.window_size=[4,4,4,2]"],
     "itpn": ["method=itpn", "backbone=hivit_test", "data.image_size=64"],
     "itpn_clip": ["method=itpn_clip", "backbone=hivit_test", "data.image_size=64"],
 }

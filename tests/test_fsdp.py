@@ -68,7 +68,7 @@ def test_fsdp2_pretrains_mae_with_the_ddp_groups_and_lr(runs):
 
 def test_sharded_checkpoints_are_complete_folders_kept_by_retention(runs):
     from mim_lightning.callbacks.checkpoint import last_checkpoint
-    from mim_lightning.checkpoint_io import checkpoint_problem
+    from mim_lightning.checkpoints.io import checkpoint_problem
 
     out, _, _ = runs
     folder = out / "fsdp" / "checkpoints"
@@ -165,7 +165,7 @@ def test_fsdp2_config_errors_are_one_line():
 
 
 def test_interrupted_sharded_saves_are_cleaned_and_a_replaced_folder_is_put_back(tmp_path):
-    from mim_lightning.checkpoint_io import remove_temp_files
+    from mim_lightning.checkpoints.io import remove_temp_files
     from mim_lightning.parallel import replace_path
 
     (tmp_path / "last.ckpt").mkdir()

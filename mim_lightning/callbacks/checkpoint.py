@@ -79,7 +79,7 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.is_global_zero and self.dirpath and _is_local_file_protocol(self.dirpath):
-            from mim_lightning.checkpoint_io import remove_temp_files
+            from mim_lightning.checkpoints.io import remove_temp_files
 
             removed = remove_temp_files(self.dirpath)
             if removed:
@@ -243,7 +243,7 @@ def last_checkpoint(folder: str | Path) -> Path | None:
     Checkpoints are written atomically, so a damaged one means a damaged disk or a copied fragment;
     it is reported and the next newest is used.
     """
-    from mim_lightning.checkpoint_io import checkpoint_problem
+    from mim_lightning.checkpoints.io import checkpoint_problem
 
     folder = Path(folder)
     if not folder.is_dir():

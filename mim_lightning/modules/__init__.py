@@ -1,5 +1,6 @@
-"""LightningModules: the shared pretraining module (and, later, finetuning)."""
+"""LightningModules: pretraining (every method) and finetuning / linear probing."""
 
-from mim_lightning.modules.pretrain import NonFiniteLossError, PretrainModule
+from mim_lightning.errors import NonFiniteLossError
+from mim_lightning.modules.pretrain import PretrainModule
 
 __all__ = ["NonFiniteLossError", "PretrainModule"]

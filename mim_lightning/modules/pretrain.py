@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from mim_lightning.errors import ConfigError
+from mim_lightning.errors import ConfigError, NonFiniteLossError
 from mim_lightning.optim import (compile_in_place, make_optimizer, no_decay_names, param_groups, scaled_lr,
                                  warmup_cosine_factor, warmup_multistep_factor)
 
@@ -42,10 +42,6 @@ NONFINITE_POLICIES = ("stop", "skip")
 #: What a recorded non-finite value was (index stored on the device).
 NONFINITE_KINDS = ("training loss", "gradient norm")
 _NO_STEP = torch.iinfo(torch.long).max
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stops instead of training on garbage."""
 
 
 class PretrainModule(pl.LightningModule):

@@ -236,6 +236,14 @@ class ITPNPixel(nn.Module):
         latent, _ = self.encoder.forward_main(x, keep_ids)
         return PyramidEncoding(self.pyramid(latent, features), latent, ids_restore, flat_mask)
 
+
+    def pooled_features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """Stems and main stage on every unit; the mean of the main-stage tokens. HiViT has no final norm (the
+        finetuning adds ``fc_norm``); the probes' BatchNorm and L2 normalization make the scale irrelevant."""
+        from mim_lightning.models.features import pool_tokens
+
+        return pool_tokens(self.encoder(images), pool, "HiViT")
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         encoding = self.encode(images, mask)
         pred = self.decoder(encoding.levels, encoding.ids_restore)

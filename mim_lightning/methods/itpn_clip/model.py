@@ -350,6 +350,13 @@ class ITPNClip(nn.Module):
         """Per-unit cosine similarity as a grey image (B, 3, H, W) in the input's normalized space."""
         return AgreementMap(self, pred, target, batch).render()
 
+
+    def pooled_features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """Stems and main stage on every unit (no mask token); the mean of the main-stage tokens."""
+        from mim_lightning.models.features import pool_tokens
+
+        return pool_tokens(self.encoder(images), pool, "HiViT")
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         batch = images.shape[0]
         if mask is None:

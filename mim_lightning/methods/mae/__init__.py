@@ -1,1 +1,3 @@
-"""The mae method: its pretraining model (model.py) and its spec (spec.py)."""
+"""The mae method: its pretraining model (``model.py``) and its spec (``spec.py``, registered on import)."""
+
+from mim_lightning.methods.mae import spec  # noqa: F401  (registers the method)

@@ -145,6 +145,14 @@ class MaskedAutoencoder(nn.Module):
         self.decoder = MAEDecoder(self.encoder.embed_dim, self.grid, self.patch_size, decoder_dim, decoder_depth,
                                   decoder_heads, float(backbone.get("mlp_ratio", 4.0)), in_chans)
 
+
+    def pooled_features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """The encoder on all patches (no ``keep_ids``): the final-norm patch tokens' mean, or the cls token
+        (``pool="cls"``, MAE's linear-probe protocol). ``(B, embed_dim)``."""
+        from mim_lightning.models.features import pool_cls_tokens
+
+        return pool_cls_tokens(self.encoder(images), pool)
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         batch = images.shape[0]
         flat_mask, len_keep = device_unit_mask(mask, batch, self.grid, self.mask_ratio, images.device)

@@ -167,6 +167,14 @@ class MixMAE(nn.Module):
                               f"the {self.stride}px output grid (conf/mask/mixmae.yaml; method.model.encoder_stride)")
         return mask.reshape(-1, *self.grid)[:1].bool()
 
+
+    def pooled_features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """The plain Swin-W14 forward without a mixing mask; the mean of the final-norm last-stage tokens
+        (MixMIM's finetuning pool). ``(B, num_features)``."""
+        from mim_lightning.models.features import pool_tokens
+
+        return pool_tokens(self.encoder(images), pool, "MixMIM")
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         mask = self.draw_mask(images.device) if mask is None else self.check_mask(mask.to(images.device, non_blocking=True))
         latent = self.encoder(images, mask)

@@ -108,6 +108,17 @@ class SimMIM(nn.Module):
                               f"{self.patch_size}px model-patch grid (mask.patch_size=backbone.patch_size)")
         return mask.bool().expand(batch_size, gh, gw)
 
+
+    def pooled_features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """The encoder without a mask token. ViT: final-norm patch tokens (mean) or cls; Swin: the mean of the
+        final-norm last-stage map. ``(B, num_features)``."""
+        from mim_lightning.models.features import pool_cls_tokens, pool_tokens
+
+        tokens = self.encoder.forward_tokens(images, None)
+        if self.family == "vit":
+            return pool_cls_tokens(tokens, pool)
+        return pool_tokens(tokens, pool, "Swin")  # (B, h, w, C)
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         batch = images.shape[0]
         if mask is None:

@@ -1,0 +1,47 @@
+"""iTPN-pixel's method spec: the official converter, the export (the project's HiViT format: timm has no HiViT)
+and the encoder config (relative position bias on or off)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from mim_lightning.checkpoints.official import DERIVED_BUFFERS, require_key, route_keys
+from mim_lightning.methods.itpn.model import ITPNPixel
+from mim_lightning.methods.spec import MethodSpec, register
+
+ITPN_ENCODER_PREFIXES = ("patch_embed.", "absolute_pos_embed", "blocks.")
+ITPN_PYRAMID_PREFIXES = ("align_dim_", "split_", "block_16to8.", "block_8to4.", "fpn_modules.")
+ITPN_DECODER_PREFIXES = ("mask_token", "decoder_")
+
+
+def convert_itpn(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``iTPN:itpn_pixel/models/models_itpn_mim.py`` keys -> ``ITPNPixel`` keys: HiViT (``patch_embed``,
+    ``absolute_pos_embed``, ``blocks``) under ``encoder.``; ``align_dim_*``, ``split_*``, ``block_16to8``,
+    ``block_8to4``, ``fpn_modules`` under ``pyramid.``; ``decoder_*`` and ``mask_token`` under ``decoder.``;
+    ``relative_position_index`` buffers dropped."""
+    out = route_keys(state, (("encoder.", ITPN_ENCODER_PREFIXES), ("pyramid.", ITPN_PYRAMID_PREFIXES),
+                              ("decoder.", ITPN_DECODER_PREFIXES)),
+                      drop=DERIVED_BUFFERS, method="iTPN", source="iTPN-pixel models_itpn_mim.py")
+    require_key(out, "encoder.absolute_pos_embed", "iTPN", "patch_embed, absolute_pos_embed, blocks.*")
+    return out
+
+
+
+def encoder_config(model: Mapping[str, Any]) -> dict[str, Any]:
+    return {"rpe": bool(model.get("rpe", False))}
+
+
+def export(encoder: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[dict, dict]:
+    """The HiViT encoder's own state dict, rebuilt by ``hivit_from_spec`` as pretrained."""
+    from mim_lightning.checkpoints.timm_keys import own_export
+
+    kwargs = encoder_config((config.get("method") or {}).get("model") or {})
+    return own_export(encoder, "mim_lightning.models.backbones.hivit.hivit_from_spec", config["backbone"],
+                      config["data"]["image_size"], kwargs, SPEC.target)
+
+
+SPEC = register(MethodSpec(name="itpn", model=ITPNPixel, convert_official=convert_itpn, export=export,
+                           encoder_config=encoder_config))
