@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mim_lightning.callbacks.checkpoint import SeedPerRank, StopOnSignal, last_checkpoint
 from mim_lightning.checkpoints.io import AtomicCheckpointIO, checkpoint_problem
-from mim_lightning.config import instantiate_checked, to_container
+from mim_lightning.instantiate import instantiate_checked, to_container
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import MaskGenerator
 
@@ -80,7 +80,7 @@ def build_pretrain_module(cfg: DictConfig) -> pl.LightningModule:
                        nonfinite_check_every_n_steps=cfg.get("nonfinite_check_every_n_steps", 50),
                        compile=bool(cfg.get("compile", False)), compile_kwargs=compile_kwargs(cfg))
     except Exception as exc:  # noqa: BLE001
-        from mim_lightning.config import as_config_error
+        from mim_lightning.instantiate import as_config_error
 
         error = as_config_error(exc)
         if error is not None:
@@ -313,7 +313,7 @@ def build_finetune_module(cfg: DictConfig, num_classes: int | None = None) -> pl
         compile_in_place(module.model, bool(cfg.get("compile", False)), compile_kwargs(cfg))
         return module
     except Exception as exc:  # noqa: BLE001
-        from mim_lightning.config import as_config_error
+        from mim_lightning.instantiate import as_config_error
 
         error = as_config_error(exc)
         if error is not None:

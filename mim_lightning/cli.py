@@ -82,9 +82,21 @@ def prepare_argv(app: str, argv: list[str]) -> list[str]:
     # among the other overrides (argparse wants them together: "-m a=1 b=2"), else last (after "--cfg job")
     at = next((i for i, a in enumerate(argv) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(argv))
     argv = [*argv[:at], *added, *argv[at:]]
+    if not _is_multirun(argv):  # finetuning a project checkpoint: its method and backbone unless given
+        from mim_lightning.config import with_pretrained_encoder
+
+        overrides = _overrides(argv)
+        try:
+            stored = with_pretrained_encoder(app, overrides)[: len(with_pretrained_encoder(app, overrides)) - len(overrides)]
+        except ConfigError as error:
+            fail(str(error), EXIT_CONFIG_ERROR)
+        at = next((i for i, a in enumerate(argv) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(argv))
+        argv = [*argv[:at], *stored, *argv[at:]]
     check_argv(argv, app)
     precheck(app, argv)
-    return argv
+    from mim_lightning.config import searchpath_override
+
+    return [*argv, *searchpath_override()] if not any(a.startswith("hydra.searchpath") for a in argv) else argv
 
 
 def resume_requested(argv: list[str]) -> bool:

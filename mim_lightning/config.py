@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +18,32 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from mim_lightning.errors import ConfigError, find_config_error
+from mim_lightning.errors import ConfigError
+from mim_lightning.instantiate import as_config_error, instantiate_checked, to_container  # noqa: F401 (re-exported)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 #: The folder holding ``pretrain.yaml`` and the config groups (``conf/`` at the repository root).
 CONF_DIR = (_PACKAGE_DIR / "conf") if (_PACKAGE_DIR / "conf").is_dir() else (_PACKAGE_DIR.parent / "conf")
+
+#: Environment variable with more config folders (``os.pathsep``-separated), searched after ``conf/``: a folder with
+#: ``method/<name>.yaml``, ``recipe/<name>.yaml``, ``finetune/<name>.yaml``, ``backbone/...`` adds options to
+#: those groups without editing the package (a method of your own; docs/architecture.md).
+CONF_PATH_ENV = "MIM_LIGHTNING_CONF"
+
+
+def extra_conf_dirs() -> list[Path]:
+    """The folders of :data:`CONF_PATH_ENV` that exist, absolute."""
+    raw = os.environ.get(CONF_PATH_ENV, "")
+    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p and Path(p).expanduser().is_dir()]
+
+
+def searchpath_override() -> list[str]:
+    """``hydra.searchpath=[file://...]`` for :func:`extra_conf_dirs` (nothing when there are none)."""
+    dirs = extra_conf_dirs()
+    return [f"hydra.searchpath=[{','.join('file://' + str(d) for d in dirs)}]"] if dirs else []
+
 
 #: Config groups a user selects with ``group=option`` on the command line.
 GROUPS = ("method", "backbone", "mask", "data", "trainer", "logger", "callbacks", "experiment", "finetune")
@@ -64,8 +83,7 @@ RUN_DEFINING_GROUPS = ("method", "backbone", "data", "experiment")
 
 def group_options(group: str) -> list[str]:
     """The option names of config group ``group`` (the yaml files in ``conf/<group>/``)."""
-    folder = CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return sorted({p.stem for root in (CONF_DIR, *extra_conf_dirs()) for p in (root / group).glob("*.yaml")})
 
 
 def _override_values(override: Any) -> list[Any]:
@@ -171,7 +189,7 @@ def _key_error(message: str, config_name: str, overrides: Sequence[str]) -> Conf
     try:
         keep = [o for o in overrides if _override_key(o) != key]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            base = hydra_compose(config_name=config_name, overrides=keep)
+            base = hydra_compose(config_name=config_name, overrides=[*keep, *searchpath_override()])
         candidates = _flat_keys(base)
     except Exception:  # noqa: BLE001 - the hint is best effort
         candidates = []
@@ -179,6 +197,44 @@ def _key_error(message: str, config_name: str, overrides: Sequence[str]) -> Conf
     hint = f"did you mean {' or '.join(close)}?" if close else "see --help or --cfg job for the keys"
     problem = "no such key"
     return ConfigError(key, value, f"an existing key ({hint}); add a new key with +{key}=...", problem)
+
+
+def _flatten(node: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        return [item for key, value in node.items() for item in _flatten(value, f"{prefix}.{key}")]
+    return [(prefix, node)]
+
+
+def with_pretrained_encoder(config_name: str, overrides: Sequence[str]) -> list[str]:
+    """Finetuning from a pretraining checkpoint of this project: the method (``finetune=``) and the backbone it
+    stores are added unless given; a given ``method=`` of another method is a one-line :class:`ConfigError`.
+    Other apps, other files (official ``.pth``, ``.safetensors``) and sweeps are unchanged."""
+    overrides = list(overrides)
+    if config_name != "finetune":
+        return overrides
+    values = {_override_key(o): o.partition("=")[2] for o in overrides if "=" in o}
+    path = values.get("pretrained")
+    if not path or "," in path:
+        return overrides
+    from mim_lightning.checkpoints.pretrained import stored_encoder
+
+    stored = stored_encoder(path)
+    if stored is None:
+        return overrides
+    given = values.get("finetune")
+    if given is not None and given != stored["method"]:
+        raise ConfigError("method", given, f"{stored['method']} (the method of pretrained={path}), or leave it out",
+                          "the checkpoint was pretrained with another method")
+    added = [] if given is not None else [f"finetune={stored['method']}"]
+    backbone = stored.get("backbone")
+    if "backbone" not in values and backbone and backbone.get("name") in group_options("backbone"):
+        added.append(f"backbone={backbone['name']}")
+        declared = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "backbone" / f"{backbone['name']}.yaml"))
+        known = dict(_flatten(declared, "backbone"))
+        for key, value in _flatten(backbone, "backbone"):
+            if key not in values and known.get(key, object()) != value:
+                added.append(f"++{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return [*added, *overrides]
 
 
 def compose(config_name: str = "pretrain", overrides: Sequence[str] = ()) -> DictConfig:
@@ -189,12 +245,13 @@ def compose(config_name: str = "pretrain", overrides: Sequence[str] = ()) -> Dic
     Raises :class:`ConfigError` for an unknown group option or key (one line, with a close key when one exists).
     """
     overrides = with_default_experiment(config_name, normalize_overrides(overrides, config_name))
+    overrides = with_pretrained_encoder(config_name, overrides)
     check_group_choices(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides)
+            return hydra_compose(config_name=config_name, overrides=[*overrides, *searchpath_override()])
     except HydraException as exc:
         message = " ".join(str(exc).split())
         if GlobalHydra.instance().is_initialized():
@@ -203,36 +260,3 @@ def compose(config_name: str = "pretrain", overrides: Sequence[str] = ()) -> Dic
         if error is not None:
             raise error from None
         raise ConfigError("overrides", " ".join(overrides), "valid Hydra overrides", str(exc).splitlines()[0]) from None
-
-
-def as_config_error(exc: BaseException) -> ConfigError | None:
-    """Turn the errors that bad configs produce (ours, OmegaConf's, Hydra's) into one-line ConfigErrors."""
-    found = find_config_error(exc)
-    if found is not None:
-        return found
-    current: BaseException | None = exc
-    while current is not None:
-        if isinstance(current, MissingMandatoryValue):
-            key = getattr(current, "full_key", None) or "?"
-            return ConfigError(key, "???", "a value on the command line, e.g. " f"{key}=...", "missing mandatory value")
-        if isinstance(current, OmegaConfBaseException):
-            key = getattr(current, "full_key", None) or "config"
-            return ConfigError(key, "?", "a valid value", str(current).splitlines()[0])
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def instantiate_checked(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that surfaces our :class:`ConfigError` instead of Hydra's wrapper."""
-    try:
-        return instantiate(node, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - re-raised unchanged unless it is a config problem
-        error = as_config_error(exc)
-        if error is not None:
-            raise error from None
-        raise
-
-
-def to_container(cfg: DictConfig) -> dict:
-    """The resolved config as plain Python, for checkpoints and run metadata."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]

@@ -105,7 +105,7 @@ def export(ckpt: str | Path, out: str | Path) -> dict[str, str]:
 
     path = Path(str(ckpt)).expanduser()
     if path.is_dir():  # the sharded checkpoint folder of a trainer=fsdp run: read whole on this one process
-        from mim_lightning.parallel import is_sharded_checkpoint, load_sharded
+        from mim_lightning.checkpoints.sharded import is_sharded_checkpoint, load_sharded
 
         if not is_sharded_checkpoint(path):
             raise ConfigError("ckpt", str(ckpt), "a Lightning checkpoint (.ckpt file or sharded checkpoint folder)",

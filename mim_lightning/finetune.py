@@ -19,7 +19,9 @@ from mim_lightning.config import CONF_DIR
 
 def finetune_methods() -> list[str]:
     """Methods with a finetuning recipe (``conf/finetune/*.yaml``)."""
-    return sorted(p.stem for p in (CONF_DIR / "finetune").glob("*.yaml"))
+    from mim_lightning.config import group_options
+
+    return group_options("finetune")
 
 
 def check_method(argv: list[str]) -> None:

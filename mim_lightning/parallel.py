@@ -28,7 +28,7 @@ and where it differs from DDP:
 - **Checkpoints** are torch distributed checkpoint folders (``<name>.ckpt/``: one ``__<rank>_0.distcp`` shard
   file per rank, DCP's ``.metadata`` index, and ``meta.pt`` with the loops, callbacks, hyper-parameters and
   config), written to a temporary folder beside the target and renamed onto it only when complete
-  (:meth:`FSDP2Strategy.save_checkpoint`). :func:`load_sharded` reads one on a single process (export,
+  (:meth:`FSDP2Strategy.save_checkpoint`). :func:`mim_lightning.checkpoints.sharded.load_sharded` reads one on a single process (export,
   ``finetune pretrained=<folder>``) into the same ``state_dict`` a DDP checkpoint holds.
 """
 
@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -276,20 +275,3 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ reading a sharded checkpoint on one process
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / "meta.pt").is_file() and (path / ".metadata").is_file()
-
-
-def load_sharded(path: str | os.PathLike, keys: Iterable[str] = ("state_dict",)) -> dict[str, Any]:
-    """A sharded checkpoint folder as the dict a single-file Lightning checkpoint holds (``meta.pt`` plus the
-    full, unsharded ``keys`` from the shards), on one process, without a process group. Tensors come back
-    whole and on the CPU, with the same keys a DDP checkpoint's ``state_dict`` has."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    path = Path(path)
-    checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
-    loaded = _load_state_dict_from_keys(keys=set(keys), storage_reader=FileSystemReader(str(path)))
-    checkpoint.update(loaded)
-    return checkpoint

@@ -143,7 +143,10 @@ def test_callback_options_build(option, tmp_path):
 
 @pytest.mark.parametrize("option", group_options("experiment"))
 def test_experiment_options_compose(option, tmp_path):
-    cfg = compose("pretrain", [f"experiment={option}", f"run_dir={tmp_path}", "data.root=/data/imagenet/train"])
+    from mim_lightning.cli import experiment_app
+
+    cfg = compose(experiment_app(option), [f"experiment={option}", f"run_dir={tmp_path}",
+                                           "data.root=/data/imagenet/train"])
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     if option.startswith("mae_"):
         assert cfg.method.model.norm_pix_loss and cfg.mask.ratio == 0.75 and cfg.data.image_size == 224

@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
 
 
 def sharded_state(folder: Path) -> dict:
-    from mim_lightning.parallel import load_sharded
+    from mim_lightning.checkpoints.sharded import load_sharded
 
     return load_sharded(folder)["state_dict"]
 
@@ -119,7 +119,7 @@ def test_mixmae_itpn_clip_and_finetuning_with_ema_train_under_fsdp2(runs):
     # layer decay 0.65 over vit_test's depth: head 1, last block 0.65, embeddings 0.65^2
     assert others["finetune_lr_scales"] == pytest.approx([0.65 ** 2, 0.65, 1.0])
     # the EMA is kept per shard and saved in the shards; training ends with the average in the model
-    from mim_lightning.parallel import load_sharded
+    from mim_lightning.checkpoints.sharded import load_sharded
 
     final = load_sharded(out / "finetune" / "checkpoints" / "last.ckpt", keys=("state_dict", "ema_state_dict"))
     ema = final["ema_state_dict"]

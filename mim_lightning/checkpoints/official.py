@@ -1,8 +1,8 @@
 """Official pretraining checkpoints: reading the file's tensors, and the helpers every method's converter uses.
 
-``convert_official(method, state_dict)`` maps an official *pretraining* checkpoint to the keys of this project's
-pretraining model of ``method`` with that method's own converter (``MethodSpec.convert_official``, in
-``methods/<name>/spec.py``); the result loads with ``model.load_state_dict(converted, strict=True)`` when the
+Each method's converter (``MethodSpec.convert_official`` in ``methods/<name>/spec.py``, called by
+:func:`mim_lightning.checkpoints.convert_official`) maps an official *pretraining* checkpoint to the keys of this
+project's pretraining model; the result loads with ``model.load_state_dict(converted, strict=True)`` when the
 official file holds the whole model (MAE's ``*_full.pth``), and its ``encoder.*`` part loads into the finetuning
 classifiers in every case. No network access: give it the state dict you downloaded yourself
 (``torch.load(path)["model"]``).
@@ -55,12 +55,3 @@ def route_keys(state: Mapping[str, torch.Tensor], routes: tuple[tuple[str, tuple
                               f"unknown key for {method}")
         out[target + key] = value
     return out
-
-
-def convert_official(method: str, state_dict: Mapping) -> dict[str, torch.Tensor]:
-    """Map an official pretraining checkpoint of ``method`` (a ``method=`` name or alias) to this project's
-    pretraining-model keys. ``state_dict`` may be the file's whole content (``{'model': ...}``). Raises
-    :class:`ConfigError` naming the method for an unknown method or a state dict of another layout."""
-    from mim_lightning.methods import spec_named
-
-    return spec_named(method).convert_official(unwrap_state_dict(state_dict))

@@ -44,7 +44,7 @@ def read_pretrained(path: str | Path, spec: MethodSpec, backbone: Mapping[str, A
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        from mim_lightning.checkpoints.timm_keys import timm_to_swin
+        from mim_lightning.models.backbones.swin import timm_to_swin
 
         with safe_open(str(file), framework="pt") as handle:
             meta = handle.metadata() or {}
@@ -53,7 +53,7 @@ def read_pretrained(path: str | Path, spec: MethodSpec, backbone: Mapping[str, A
         return timm_to_swin(state) if meta.get("format") == "timm" and meta.get("family") == "swin" else state
     try:
         if file.is_dir():  # a sharded (trainer=fsdp) checkpoint folder, read whole on this one process
-            from mim_lightning.parallel import is_sharded_checkpoint, load_sharded
+            from mim_lightning.checkpoints.sharded import is_sharded_checkpoint, load_sharded
 
             if not is_sharded_checkpoint(file):
                 raise ConfigError("pretrained", str(path), "a .ckpt file or a sharded checkpoint folder (trainer=fsdp)",
@@ -193,3 +193,35 @@ def load_encoder(classifier: Classifier, state: Mapping[str, torch.Tensor], sour
         raise ConfigError(source, f"unexpected key {result.unexpected_keys[0]}",
                           "an encoder with the chosen backbone's keys", "a checkpoint of another size or family")
     return {"loaded": len(state), "resized": resized, "missing": sorted(result.missing_keys), "unexpected": unexpected}
+
+
+def stored_encoder(path: str | Path) -> dict[str, Any] | None:
+    """``{"method": name, "backbone": {...}}`` of a pretraining checkpoint of this project (a ``.ckpt`` file or a
+    sharded folder), read from what :meth:`PretrainModule.encoder_record` stored (or, for older checkpoints, from
+    the stored config); None for any other file (official ``.pth``, ``.safetensors``, unreadable)."""
+    file = Path(str(path)).expanduser()
+    try:
+        if file.is_dir():
+            if not (file / "meta.pt").is_file():
+                return None
+            content = torch.load(file / "meta.pt", map_location="cpu", weights_only=False)
+        elif file.is_file() and file.suffix == ".ckpt":
+            content = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - read_pretrained reports unreadable files in one line later
+        return None
+    if not isinstance(content, Mapping) or "hyper_parameters" not in content:
+        return None
+    config = (content.get("hyper_parameters") or {}).get("config") or {}
+    if "finetune" in config:
+        return None
+    from mim_lightning.methods import spec_for_checkpoint
+
+    try:
+        spec = spec_for_checkpoint(content, "pretrained")
+    except ConfigError:
+        return None
+    record = (content.get("mim_lightning") or {}).get("encoder") or {}
+    backbone = record.get("backbone") or config.get("backbone")
+    return {"method": spec.name, "backbone": dict(backbone) if backbone else None}

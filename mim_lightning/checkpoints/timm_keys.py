@@ -1,5 +1,5 @@
 """timm names for this project's encoders: model names and ``create_model`` kwargs of a ViT, SimMIM's BEiT-style ViT
-and a Swin of given sizes, the Swin key map (patch merging one stage up in timm), and the metadata of the two
+and a Swin of given sizes, and the metadata of the two
 export formats (timm, and the project's own for encoders timm has no model for)."""
 
 from __future__ import annotations
@@ -56,31 +56,6 @@ def swin_timm_spec(backbone: Mapping[str, Any], image_size: Any, window_size: in
                   depths=list(depths), num_heads=[int(h) for h in backbone["num_heads"]], window_size=int(window_size),
                   mlp_ratio=float(backbone.get("mlp_ratio", 4.0)))
     return name, kwargs
-
-
-def swin_to_timm(encoder_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official/SimMIM Swin encoder keys -> timm ``SwinTransformer`` keys (merging moves one stage up)."""
-    out = {}
-    for key, value in encoder_state.items():
-        if key == "mask_token" or key.endswith(("relative_position_index", "attn_mask")):
-            continue
-        parts = key.split(".")
-        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "downsample":
-            parts[1] = str(int(parts[1]) + 1)
-        out[".".join(parts)] = value
-    return out
-
-
-def timm_to_swin(timm_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`swin_to_timm` (timm ``layers.{i+1}.downsample`` -> official ``layers.{i}.downsample``)."""
-    out = {}
-    for key, value in timm_state.items():
-        parts = key.split(".")
-        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "downsample":
-            parts[1] = str(int(parts[1]) - 1)
-        out[".".join(parts)] = value
-    return out
-
 
 
 def timm_export(state: Mapping[str, torch.Tensor], name: str, kwargs: Mapping[str, Any], family: str,

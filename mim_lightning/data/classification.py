@@ -164,7 +164,7 @@ PRETRAIN_ONLY_KEYS = ("_target_", "source", "crop_scale", "crop_ratio", "hflip",
 
 def labelled_source(cfg: DictConfig) -> Source:
     """The ``data`` group's source with ``data.root`` set; a ConfigError when it has no labels."""
-    from mim_lightning.config import instantiate_checked
+    from mim_lightning.instantiate import instantiate_checked
 
     source = instantiate_checked(cfg.data.source)
     if not getattr(source, "labelled", False):
@@ -178,7 +178,7 @@ def labelled_source(cfg: DictConfig) -> Source:
 def build_classification_datamodule(cfg: DictConfig) -> ClassificationDataModule:
     """The finetuning DataModule of a composed ``conf/finetune.yaml`` (its ``data`` group plus the recipe's
     ``finetune.augment``, ``mode`` and ``val_root``)."""
-    from mim_lightning.config import to_container
+    from mim_lightning.instantiate import to_container
 
     data = {k: v for k, v in to_container(cfg.data).items() if k not in PRETRAIN_ONLY_KEYS}
     augment = to_container(cfg.finetune.augment) if cfg.finetune.get("augment") is not None else {}

@@ -10,7 +10,6 @@ Linear (``mae:main_linprobe.py``) on the recipe's probe feature. EMA of weights 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -22,20 +21,19 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mim_lightning import runlog
-from mim_lightning.errors import ConfigError, NonFiniteLossError
-from mim_lightning.optim import layer_decay_param_groups, make_optimizer, scaled_lr, unwrapped_name, warmup_cosine_factor
+from mim_lightning.errors import ConfigError
+from mim_lightning.modules.recipe import LR_DEFAULTS, LearningRateRecipe, NonFinitePolicy, lr_recipe
+from mim_lightning.optim import layer_decay_param_groups, make_optimizer, unwrapped_name
 
 if TYPE_CHECKING:
     from mim_lightning.models.classifiers.base import ClassifierBuilder
 
 MODES = ("finetune", "linear_probe")
-NONFINITE_POLICIES = ("stop", "skip")
-
-DEFAULT_LR = {"base": 5e-4, "base_batch_size": 256, "value": None, "min": 1e-6, "warmup_epochs": 5.0,
-              "warmup_steps": None, "warmup_start": 0.0, "scale_min_and_warmup": False, "cosine_from": "warmup_end"}
+#: MAE finetuning's values, where a recipe leaves a key out.
+DEFAULT_LR = {**LR_DEFAULTS, "base": 5e-4, "min": 1e-6, "warmup_epochs": 5.0}
 
 
-class FinetuneModule(pl.LightningModule):
+class FinetuneModule(LearningRateRecipe, NonFinitePolicy, pl.LightningModule):
     """Supervised training of a classifier from a pretrained encoder.
 
     Args:
@@ -74,7 +72,8 @@ class FinetuneModule(pl.LightningModule):
                  cutmix: float = 0.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5, mixup_mode: str = "batch",
                  smoothing: float = 0.0, augment: Mapping[str, Any] | None = None,
                  linear_probe: Mapping[str, Any] | None = None, batch_size: int = 64,
-                 config: Mapping[str, Any] | None = None, on_nonfinite: str = "stop") -> None:
+                 config: Mapping[str, Any] | None = None, on_nonfinite: str = "stop",
+                 nonfinite_check_every_n_steps: int = 50) -> None:
         super().__init__()
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -82,8 +81,6 @@ class FinetuneModule(pl.LightningModule):
 
         if mode not in MODES:
             raise ConfigError("mode", mode, ", ".join(MODES))
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError("on_nonfinite", on_nonfinite, ", ".join(NONFINITE_POLICIES))
         probe = dict(linear_probe or {}) if mode == "linear_probe" else None
         self.method = method
         self.augment = dict(augment or {})  # the train transform recipe (read by the DataModule), kept with the run
@@ -103,14 +100,15 @@ class FinetuneModule(pl.LightningModule):
         self._one_dim = {unwrapped_name(n) for n, p in model.named_parameters() if p.ndim <= 1}
         self.num_classes = int(num_classes)
         self.mode = mode
-        self.on_nonfinite = on_nonfinite
+        self.lr_key = "finetune.lr" if probe is None else "finetune.linear_probe.lr"
+        self.init_nonfinite(on_nonfinite, nonfinite_check_every_n_steps)
         self.layer_id = self.classifier.layer_id
         self.num_layers = int(self.classifier.num_layers)
         self.layer_decay = float(layer_decay)
         self.optimizer_factory = optimizer if optimizer is not None else partial(torch.optim.AdamW, betas=(0.9, 0.999))
         self.weight_decay = float(weight_decay)
         self.no_weight_decay = tuple(self.classifier.no_weight_decay)
-        self.lr_config = {**DEFAULT_LR, **dict(lr or {})}
+        self.lr_config = lr_recipe(lr, DEFAULT_LR, self.lr_key)
         self.batch_size = int(batch_size)
         self.mixup_fn = None
         if (mixup > 0 or cutmix > 0) and mode == "finetune":
@@ -131,7 +129,6 @@ class FinetuneModule(pl.LightningModule):
         self.top5 = (MulticlassAccuracy(num_classes=self.num_classes, top_k=5, average="micro")
                      if self.num_classes > 5 else None)
         self.val_top1_history: list[tuple[int, float]] = []
-        self.skipped_steps = 0
         self.save_hyperparameters(ignore=["classifier", "optimizer"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -150,16 +147,10 @@ class FinetuneModule(pl.LightningModule):
         if self.mixup_fn is not None:
             images, targets = self.mixup_fn(images, labels)
         loss = self.train_criterion(self.model(images), targets)
-        if not torch.isfinite(loss):
-            if self.on_nonfinite == "skip":
-                self.skipped_steps += 1
-                self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
-                return None  # Lightning skips backward and the optimizer step
-            raise NonFiniteLossError(f"non-finite finetuning loss ({loss.item()}) at step {self.global_step}; "
-                                     "lower finetune.lr.base or use bf16 instead of fp16")
+        if not self.keep_step(loss):
+            return None  # on_nonfinite=skip: Lightning skips backward and the optimizer step
         self.log("finetune/train_loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
-        # A host tensor: a Python float would be copied to the device with a blocking copy every step.
-        self.log("train/lr", torch.tensor(float(self.optimizers().param_groups[-1]["lr"])), batch_size=images.shape[0])
+        self.log_lr(images.shape[0])
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
@@ -195,34 +186,17 @@ class FinetuneModule(pl.LightningModule):
                     f"(epoch {best_epoch})")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint.setdefault("mim_lightning", {})["val_top1_history"] = list(self.val_top1_history)
+        self.check_nonfinite()  # never write weights that went through a non-finite step
+        state = checkpoint.setdefault("mim_lightning", {})
+        state["val_top1_history"] = list(self.val_top1_history)
+        state["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        history = (checkpoint.get("mim_lightning") or {}).get("val_top1_history") or []
-        self.val_top1_history = [(int(e), float(v)) for e, v in history]
+        state = checkpoint.get("mim_lightning") or {}
+        self.val_top1_history = [(int(e), float(v)) for e, v in state.get("val_top1_history") or []]
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     # ------------------------------------------------------------------ optimizer
-    def effective_batch_size(self) -> int:
-        from mim_lightning.parallel import data_parallel_size
-
-        return self.batch_size * data_parallel_size(self.trainer) * int(self.trainer.accumulate_grad_batches)
-
-    def learning_rate(self) -> float:
-        if self.lr_config["value"] is not None:
-            return float(self.lr_config["value"])
-        return scaled_lr(float(self.lr_config["base"]), self.effective_batch_size(), int(self.lr_config["base_batch_size"]))
-
-    def schedule_steps(self) -> tuple[int, int]:
-        total = int(self.trainer.estimated_stepping_batches)
-        if self.lr_config["warmup_steps"] is not None:
-            return min(int(self.lr_config["warmup_steps"]), total), total
-        batches = self.trainer.num_training_batches
-        if not math.isfinite(batches) or batches <= 0:
-            raise ConfigError("finetune.lr.warmup_epochs", self.lr_config["warmup_epochs"],
-                              "finetune.lr.warmup_steps for data without a known epoch length")
-        per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
-        return min(int(round(float(self.lr_config["warmup_epochs"]) * per_epoch)), total), total
-
     def param_groups(self, lr: float) -> list[dict]:
         if self.optimizer_factory == "lars":
             named = [(unwrapped_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -253,18 +227,11 @@ class FinetuneModule(pl.LightningModule):
             optimizer = make_optimizer(self.optimizer_factory, groups, lr, optimizer_device(self))  # fused AdamW on CUDA
         else:
             raise ConfigError("finetune.optimizer", self.optimizer_factory, "lars or an optimizer _target_ (AdamW)")
+        scheduler = self.lr_scheduler(optimizer, lr)
         warmup, total = self.schedule_steps()
-        scale = 1.0
-        if self.lr_config["scale_min_and_warmup"] and self.lr_config["value"] is None:
-            scale = self.effective_batch_size() / int(self.lr_config["base_batch_size"])
-        start = float(self.lr_config["warmup_start"]) * scale / lr if lr > 0 else 0.0
-        schedule = partial(warmup_cosine_factor, warmup_steps=warmup, total_steps=total,
-                           min_factor=float(self.lr_config["min"]) * scale / lr if lr > 0 else 0.0,
-                           warmup_start_factor=start, cosine_from_start=self.lr_config["cosine_from"] == "start")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         rank_zero_info(f"[mim_lightning] {self.mode}: effective batch {self.effective_batch_size()}; lr {lr:.3g}; "
                        f"layer decay {self.layer_decay}; warm-up {warmup} of {total} optimizer steps")
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 # --------------------------------------------------------------------------- from a composed config
@@ -287,7 +254,7 @@ def build_finetune_module(cfg: DictConfig, num_classes: int | None = None) -> Fi
     """The finetuning (or linear-probing, ``cfg.mode``) module of a composed ``conf/finetune.yaml``, with
     ``cfg.pretrained`` loaded into its encoder."""
     from mim_lightning.checkpoints.pretrained import load_encoder, load_report_line, read_pretrained
-    from mim_lightning.config import instantiate_checked, to_container
+    from mim_lightning.instantiate import instantiate_checked, to_container
     from mim_lightning.methods import spec_named
 
     mode = str(cfg.get("mode", "finetune"))
@@ -298,9 +265,10 @@ def build_finetune_module(cfg: DictConfig, num_classes: int | None = None) -> Fi
     factory = instantiate_checked(cfg.finetune, _partial_=True, _convert_="all")
     try:
         module = factory(num_classes=num_classes, mode=mode, config=to_container(cfg),
-                         on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
+                         on_nonfinite=str(cfg.get("on_nonfinite", "stop")),
+                         nonfinite_check_every_n_steps=cfg.get("nonfinite_check_every_n_steps", 50))
     except Exception as exc:  # noqa: BLE001 - a bad recipe value is one line
-        from mim_lightning.config import as_config_error
+        from mim_lightning.instantiate import as_config_error
 
         error = as_config_error(exc)
         if error is not None:

@@ -69,7 +69,8 @@ def convert_simmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def export(encoder: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[dict, dict]:
     """ViT: timm ``Beit`` with the one shared relative position table (``global_pool='token'`` keeps the final
     norm); ``mask_token`` dropped. Swin: timm ``SwinTransformer`` keys (merging one stage up) at the run's window."""
-    from mim_lightning.checkpoints.timm_keys import beit_timm_spec, swin_timm_spec, swin_to_timm, timm_export
+    from mim_lightning.checkpoints.timm_keys import beit_timm_spec, swin_timm_spec, timm_export
+    from mim_lightning.models.backbones.swin import swin_to_timm
     from mim_lightning.models.backbones.swin import simmim_window_size
 
     backbone, image_size = config["backbone"], config["data"]["image_size"]

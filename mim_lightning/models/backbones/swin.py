@@ -290,3 +290,27 @@ def swin_from_spec(backbone: Mapping[str, Any], img_size: int | Sequence[int], w
     )
     kwargs.update(overrides)
     return SwinEncoder(**kwargs)
+
+
+def swin_to_timm(encoder_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official/SimMIM Swin encoder keys -> timm ``SwinTransformer`` keys (merging moves one stage up)."""
+    out = {}
+    for key, value in encoder_state.items():
+        if key == "mask_token" or key.endswith(("relative_position_index", "attn_mask")):
+            continue
+        parts = key.split(".")
+        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "downsample":
+            parts[1] = str(int(parts[1]) + 1)
+        out[".".join(parts)] = value
+    return out
+
+
+def timm_to_swin(timm_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`swin_to_timm` (timm ``layers.{i+1}.downsample`` -> official ``layers.{i}.downsample``)."""
+    out = {}
+    for key, value in timm_state.items():
+        parts = key.split(".")
+        if len(parts) > 3 and parts[0] == "layers" and parts[2] == "downsample":
+            parts[1] = str(int(parts[1]) - 1)
+        out[".".join(parts)] = value
+    return out

@@ -64,7 +64,7 @@ class SwinBuilder(ClassifierBuilder):
         self.window_size = window_size
 
     def build(self, num_classes: int, probe: Mapping[str, Any] | None = None) -> Classifier:
-        from mim_lightning.checkpoints.timm_keys import swin_to_timm
+        from mim_lightning.models.backbones.swin import swin_to_timm
         from mim_lightning.models.backbones.swin import simmim_window_size
 
         self.probe_feature(probe)
