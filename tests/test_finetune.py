@@ -163,9 +163,10 @@ def test_bad_pretrained_inputs_are_one_line_errors(labelled, pretrained_ckpt, tm
         build_finetune_module(ft_cfg(labelled, tmp_path, f"pretrained={pretrained_ckpt}", "backbone=vit_micro"))
     other = torch.load(pretrained_ckpt, map_location="cpu", weights_only=False)
     other["hyper_parameters"]["config"]["method"]["model"]["_target_"] = "mim_lightning.methods.simmim.model.SimMIM"
+    other["mim_lightning"]["method"] = "simmim"
     torch.save(other, tmp_path / "simmim.ckpt")
-    with pytest.raises(ConfigError, match="holds a simmim model") as info:
-        build_finetune_module(ft_cfg(labelled, tmp_path, f"pretrained={tmp_path / 'simmim.ckpt'}"))
+    with pytest.raises(ConfigError, match="pretrained with another method|holds a simmim model") as info:
+        build_finetune_module(ft_cfg(labelled, tmp_path, "method=mae", f"pretrained={tmp_path / 'simmim.ckpt'}"))
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="data.image_size"):
         build_finetune_module(ft_cfg(labelled, tmp_path, f"pretrained={pretrained_ckpt}", "data.image_size=36"))
@@ -317,7 +318,7 @@ def test_mixmae_classifier_has_the_pretrained_features(labelled, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.encoder(images), pre.encoder(images))  # no mixing, same weights
         torch.testing.assert_close(model(images), model.head(pre.encoder(images).mean(dim=1)))
-    with pytest.raises(ConfigError, match="holds a mixmae model"):
+    with pytest.raises(ConfigError, match="method='simmim': the checkpoint was pretrained with another method"):
         build_finetune_module(ft_cfg(labelled, tmp_path, "method=simmim", "backbone=swin_test", "data.image_size=64",
                                      f"pretrained={ckpt}"))
 

@@ -124,8 +124,12 @@ class RunSummary(Callback):
         method = ((config.get("method") or {}).get("model") or {}).get("_target_", type(model).__name__)
         lines = []
         if config.get("finetune") is not None:
-            head = (config.get("finetune") or {}).get("_target_", "finetune")
-            lines.append(f"mode: {config.get('mode', 'finetune')} ({head}); pretrained: {config.get('pretrained')}")
+            recipe = config.get("finetune") or {}
+            method = recipe.get("method") or method
+            head = (recipe.get("classifier") or {}).get("_target_", "?") if isinstance(recipe.get("classifier"), dict) \
+                else recipe.get("classifier")
+            lines.append(f"mode: {config.get('mode', 'finetune')} ({type(model).__name__} from {head}); "
+                         f"pretrained: {config.get('pretrained')}")
         lines.append(f"method: {method}; model {_count(model)} parameters")
         enc = f", encoder {_count(encoder)} parameters" if encoder is not None else ""
         lines.append(f"backbone: {backbone.get('name', '?')} ({backbone.get('family', '?')}){enc}")
