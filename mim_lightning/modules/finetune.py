@@ -87,7 +87,7 @@ def vit_classifier(backbone: Mapping[str, Any], img_size: int | Sequence[int], n
     """
     from timm.models.vision_transformer import VisionTransformer
 
-    from mim_lightning.masking import check_divisible
+    from mim_lightning.geometry import check_divisible
 
     size = check_divisible(img_size, int(backbone["patch_size"]), "data.image_size", "backbone.patch_size")
     return VisionTransformer(img_size=size, patch_size=int(backbone["patch_size"]), embed_dim=int(backbone["embed_dim"]),
@@ -128,7 +128,7 @@ def beit_classifier(backbone: Mapping[str, Any], img_size: int | Sequence[int], 
     """
     from timm.models.beit import Beit
 
-    from mim_lightning.masking import check_divisible
+    from mim_lightning.geometry import check_divisible
 
     patch = int(backbone["patch_size"])
     size = check_divisible(img_size, patch, "data.image_size", "backbone.patch_size")
@@ -159,7 +159,7 @@ def swin_classifier(backbone: Mapping[str, Any], img_size: int | Sequence[int], 
 
 
 def check_size(img_size: int | Sequence[int], stride: int) -> tuple[int, int]:
-    from mim_lightning.masking import check_divisible
+    from mim_lightning.geometry import check_divisible
 
     return check_divisible(img_size, stride, "data.image_size", "the encoder stride")
 

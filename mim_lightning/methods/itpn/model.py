@@ -47,8 +47,8 @@ import torch
 from torch import nn
 
 from mim_lightning.errors import ConfigError
+from mim_lightning.geometry import check_ratio
 from mim_lightning.losses import masked_mse, normalize_patches, patchify
-from mim_lightning.masking import check_ratio
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
 from mim_lightning.methods.mae.model import check_heads, device_unit_mask, visible_first_order

@@ -67,7 +67,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import BlockMask, check_ratio
+from mim_lightning.geometry import check_ratio
+from mim_lightning.masking import BlockMask
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
 from mim_lightning.methods.itpn.model import FeaturePyramid, check_pyramid_width, flat_unit_mask, pyramid_embed

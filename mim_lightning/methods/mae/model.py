@@ -25,8 +25,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mim_lightning.errors import ConfigError
+from mim_lightning.geometry import check_ratio
 from mim_lightning.losses import masked_mse, normalize_patches, patchify
-from mim_lightning.masking import check_ratio, random_mask
+from mim_lightning.masking import random_mask
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.vit import ViTEncoder, init_linear_and_norm, vit_from_spec
 from mim_lightning.models.output import MIMOutput, PatchPixels

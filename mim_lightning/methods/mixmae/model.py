@@ -34,8 +34,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mim_lightning.errors import ConfigError
+from mim_lightning.geometry import check_ratio
 from mim_lightning.losses import normalize_patches, patchify
-from mim_lightning.masking import check_ratio, check_ratio_range, mix_mask
+from mim_lightning.masking import check_ratio_range, mix_mask
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.mixmim import DEFAULT_WINDOWS, MixMIMEncoder, mixmim_from_spec
 from mim_lightning.models.backbones.vit import init_linear_and_norm

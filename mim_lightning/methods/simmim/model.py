@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from mim_lightning.errors import ConfigError
+from mim_lightning.geometry import to_pair
 from mim_lightning.losses import masked_pixel_l1
-from mim_lightning.masking import SimMIMMask, to_pair
+from mim_lightning.masking import SimMIMMask
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.simmim_vit import SimMIMViTEncoder, simmim_vit_from_spec
 from mim_lightning.models.backbones.swin import SwinEncoder, swin_from_spec
