@@ -69,8 +69,9 @@ from torch import nn
 
 from mim_lightning import ConfigError, build_datamodule, build_pretrain_module, compose
 from mim_lightning.api import compile_kwargs
-from mim_lightning.methods.mae.model import MaskedAutoencoder, device_unit_mask
+from mim_lightning.methods.mae.model import MaskedAutoencoder
 from mim_lightning.models.output import MIMOutput
+from mim_lightning.models.tokens import device_unit_mask
 from mim_lightning.optim import compile_in_place, make_optimizer
 
 #: ``--suite``: every method at a small backbone, then the base sizes at batch 8 (224 px; SimMIM's Swin at

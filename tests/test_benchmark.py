@@ -145,7 +145,7 @@ def test_training_step_has_no_host_device_sync(method, family):
 
 def test_a_mask_on_the_device_needs_one_read_that_a_host_mask_avoids():
     """The check above can fail: MAE must read the kept count, which a device mask only gives by a sync."""
-    from mim_lightning.methods.mae.model import device_unit_mask, kept_count
+    from mim_lightning.models.tokens import device_unit_mask, kept_count
 
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, :12] = True

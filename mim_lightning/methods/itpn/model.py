@@ -49,11 +49,11 @@ from torch import nn
 from mim_lightning.errors import ConfigError
 from mim_lightning.geometry import check_ratio
 from mim_lightning.losses import masked_mse, normalize_patches, patchify
-from mim_lightning.models.backbones import require_family
+from mim_lightning.models.backbones import check_heads, require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
-from mim_lightning.methods.mae.model import check_heads, device_unit_mask, visible_first_order
 from mim_lightning.models.output import MIMOutput, PatchPixels
 from mim_lightning.models.pos_embed import sincos_2d
+from mim_lightning.models.tokens import device_unit_mask, visible_first_order
 
 
 class PatchSplit(nn.Module):

@@ -37,7 +37,7 @@ from mim_lightning.errors import ConfigError
 from mim_lightning.geometry import check_ratio
 from mim_lightning.losses import normalize_patches, patchify
 from mim_lightning.masking import check_ratio_range, mix_mask
-from mim_lightning.models.backbones import require_family
+from mim_lightning.models.backbones import check_heads, require_family
 from mim_lightning.models.backbones.mixmim import DEFAULT_WINDOWS, MixMIMEncoder, mixmim_from_spec
 from mim_lightning.models.backbones.vit import init_linear_and_norm
 from mim_lightning.models.output import MIMOutput, PatchPixels
@@ -67,9 +67,7 @@ class MixMAEDecoder(nn.Module):
     def __init__(self, encoder_dim: int, grid: tuple[int, int], stride: int, dim: int = 512, depth: int = 8,
                  num_heads: int = 16, mlp_ratio: float = 4.0, in_chans: int = 3) -> None:
         super().__init__()
-        if num_heads <= 0 or dim % num_heads or dim % 4:
-            raise ConfigError("method.model.decoder_heads", num_heads, f"a head count dividing the width {dim} "
-                              "(width divisible by 4)")
+        check_heads(dim, num_heads, "method.model.decoder_heads")
         self.grid = grid
         self.decoder_embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
