@@ -1,7 +1,8 @@
 """Mask generators.
 
-Every generator returns a boolean grid, ``True`` = hidden, on the grid of *model patches* (the
-grid the method's model consumes, see DESIGN.md §3). Masks are drawn on a coarser grid of *mask
+Every generator returns a boolean grid, ``True`` = hidden, on the grid of *model patches*: the grid
+the method's model consumes (:class:`~mim_lightning.models.output.MIMOutput` hands it back as
+``output.mask``), e.g. 14x14 for a 16px ViT at 224px. Masks are drawn on a coarser grid of *mask
 units* (``unit`` pixels, a multiple of the model patch) and expanded, which is how SimMIM builds
 its 32px masks for a 4px Swin patch; MAE is the special case ``unit == patch_size``.
 
@@ -172,7 +173,7 @@ def random_mask(batch_size: int, grid: tuple[int, int], ratio: float, device: to
     """On-device MAE masking: per sample, hide all but ``int(L * (1 - ratio))`` random patches.
 
     The same rule as ``mae:models_mae.py random_masking`` (uniform noise, argsort), returned as the
-    bool grid ``(B, gh, gw)`` of the DESIGN contract.
+    bool grid ``(B, gh, gw)``, True = hidden, as every generator here returns it.
     """
     length = grid[0] * grid[1]
     keep = int(length * (1.0 - ratio))
