@@ -8,8 +8,10 @@ its 32px masks for a 4px Swin patch; MAE is the special case ``unit == patch_siz
 
 Generators are plain classes driven by a ``numpy.random.Generator``, so the data transform can
 seed them per sample (``(seed, epoch, index)``) and a mask stream is reproducible across machines,
-worker counts and resumes. :func:`random_mask` is the in-model, on-device torch equivalent of
-MAE's ``random_masking`` for a model called with ``mask=None``.
+worker counts and resumes. :meth:`MaskGenerator.draw` is the in-model draw of the same rule for a
+model called with ``mask=None``: on the device in torch where the rule allows it (:func:`random_mask`,
+MAE's ``random_masking``; SimMIM's and MixMAE's counts), so one generator instance serves both the data
+transform and the model.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.geometry import check_divisible, check_ratio
+from mim_lightning.geometry import check_divisible, check_ratio, to_pair
 
 
 class MaskGenerator:
@@ -84,6 +86,30 @@ class MaskGenerator:
         rng = rng if rng is not None else np.random.default_rng()
         return self.expand(self.sample_units(rng))
 
+    @property
+    def fixed_hidden(self) -> int | None:
+        """Hidden model patches in every mask :meth:`draw` makes, None when the count varies per mask."""
+        return self.num_hidden
+
+    def draw(self, batch: int, device: torch.device | str | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The masks of a model called with ``mask=None``: bool ``(batch, gh, gw)`` on ``device`` (one
+        ``(1, gh, gw)`` mask with ``per_batch``), True = hidden, drawn from the torch RNG (``generator``, else
+        the global one) so that seeding torch makes them reproducible.
+
+        This rule has no torch form: the numpy draw of :meth:`__call__`, seeded by one integer from the torch
+        RNG, copied to ``device`` without blocking.
+        """
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()))
+        count = 1 if self.per_batch else batch
+        return torch.from_numpy(np.stack([self(rng) for _ in range(count)])).to(device, non_blocking=True)
+
+    def expand_units(self, units: torch.Tensor) -> torch.Tensor:
+        """Torch :meth:`expand`: (B, *unit_grid) -> (B, *grid)."""
+        if self.scale == 1:
+            return units
+        return units.repeat_interleave(self.scale, 1).repeat_interleave(self.scale, 2)
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(input_size={self.input_size}, patch_size={self.patch_size}, "
                 f"unit={self.unit}, ratio={self.ratio}, grid={self.grid}, hidden={self.num_hidden})")
@@ -103,6 +129,12 @@ class RandomMask(MaskGenerator):
         flat[rng.permutation(self.num_units)[: self.num_hidden_units]] = True
         return flat.reshape(self.unit_grid)
 
+    def draw(self, batch: int, device: torch.device | str | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """On the device: :func:`random_mask` on the unit grid, expanded to the model-patch grid."""
+        count = 1 if self.per_batch else batch
+        return self.expand_units(random_mask(count, self.unit_grid, self.ratio, device=device, generator=generator))
+
 
 class SimMIMMask(RandomMask):
     """SimMIM's ``MaskGenerator``: hides ``ceil(L * ratio)`` random mask units (default 32px units).
@@ -113,6 +145,14 @@ class SimMIMMask(RandomMask):
 
     def _hidden_count(self) -> int:
         return int(math.ceil(self.num_units * self.ratio))
+
+    def draw(self, batch: int, device: torch.device | str | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """On the device: per mask the ``num_hidden_units`` units of smallest uniform noise, expanded."""
+        count = 1 if self.per_batch else batch
+        noise = torch.rand(count, self.num_units, device=device, generator=generator)
+        hidden = noise.argsort(dim=1).argsort(dim=1) < self.num_hidden_units
+        return self.expand_units(hidden.reshape(count, *self.unit_grid))
 
 
 class BlockMask(MaskGenerator):
@@ -219,6 +259,18 @@ class MixMask(MaskGenerator):
         flat[rng.permutation(self.num_units)[: int(self.num_units * ratio)]] = True
         return flat.reshape(self.unit_grid)
 
+    @property
+    def fixed_hidden(self) -> int | None:
+        return None if self.ratio_range > 0 else self.num_hidden
+
+    def draw(self, batch: int, device: torch.device | str | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """On the device: :func:`mix_mask` (no read-back even with a ``ratio_range``), expanded."""
+        count = 1 if self.per_batch else batch
+        masks = [mix_mask(self.unit_grid, self.ratio, self.ratio_range, device=device, generator=generator)
+                 for _ in range(count)]
+        return self.expand_units(masks[0] if count == 1 else torch.cat(masks))
+
 
 def mix_mask(grid: tuple[int, int], ratio: float, ratio_range: float = 0.0, device: torch.device | str | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -238,3 +290,16 @@ def mix_mask(grid: tuple[int, int], ratio: float, ratio_range: float = 0.0, devi
         count = torch.floor(length * (ratio + offset))
         return (rank < count).reshape(1, *grid)
     return (rank < int(length * ratio)).reshape(1, *grid)
+
+
+def check_model_grid(generator: MaskGenerator, input_size: int | Sequence[int], patch_size: int, grid_name: str) -> None:
+    """A generator handed to a model must draw on the grid the model takes masks on: ``input_size`` images
+    in ``patch_size`` cells (``grid_name`` says which cells, for the message)."""
+    size = to_pair(input_size)
+    if generator.input_size != size:
+        shown = size[0] if size[0] == size[1] else size
+        raise ConfigError("mask.input_size", generator.input_size[0] if generator.input_size[0] == generator.input_size[1]
+                          else generator.input_size, f"{shown}, the model's image size (data.image_size)")
+    if generator.patch_size != int(patch_size):
+        raise ConfigError("mask.patch_size", generator.patch_size, f"{patch_size}, {grid_name}",
+                          f"the model takes masks on its {patch_size}px grid")

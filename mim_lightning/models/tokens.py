@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import random_mask
+from mim_lightning.masking import MaskGenerator
 
 
 def kept_count(mask: torch.Tensor) -> int:
@@ -40,14 +40,20 @@ def visible_first_order(mask: torch.Tensor, len_keep: int | None = None) -> tupl
     return ids_shuffle, ids_restore, len_keep
 
 
-def device_unit_mask(mask: torch.Tensor | None, batch: int, grid: tuple[int, int], ratio: float,
+def device_unit_mask(mask: torch.Tensor | None, batch: int, grid: tuple[int, int], generator: MaskGenerator,
                      device: torch.device) -> tuple[torch.Tensor, int]:
     """The (B, L) bool mask on ``device`` and its kept count, with no device sync: a given mask (any device,
     (B, ...) or one (1, ...) mask for the batch) is counted where it lives (see :func:`kept_count`) and
-    then copied without blocking; ``None`` draws :func:`random_mask` on the device, whose count is known."""
+    then copied without blocking; ``None`` draws ``generator.draw`` on the device, whose count is known
+    (``generator.fixed_hidden``; a rule whose count varies is counted on the device, one sync)."""
     length = grid[0] * grid[1]
     if mask is None:
-        return random_mask(batch, grid, ratio, device=device).reshape(batch, length), int(length * (1.0 - ratio))
+        drawn = generator.draw(batch, device=device)
+        if drawn.shape[0] == 1 and batch > 1:
+            drawn = drawn.expand(batch, *drawn.shape[1:])
+        flat = drawn.reshape(batch, length)
+        hidden = generator.fixed_hidden
+        return flat, kept_count(flat) if hidden is None else length - hidden
     if mask.shape[0] == 1 and batch > 1:
         mask = mask.expand(batch, *mask.shape[1:])  # one mask shared by the batch
     flat = mask.reshape(batch, -1).bool()

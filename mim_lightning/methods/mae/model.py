@@ -25,8 +25,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mim_lightning.geometry import check_ratio
 from mim_lightning.losses import masked_mse, normalize_patches, patchify
+from mim_lightning.masking import MaskGenerator, RandomMask, check_model_grid
 from mim_lightning.models.backbones import check_heads, require_family
 from mim_lightning.models.backbones.vit import ViTEncoder, init_linear_and_norm, vit_from_spec
 from mim_lightning.models.output import MIMOutput, PatchPixels
@@ -79,30 +79,38 @@ class MaskedAutoencoder(nn.Module):
     Args:
         backbone: a ``vit`` backbone spec (``conf/backbone/vit_*.yaml``).
         img_size: input size in pixels, a multiple of the patch size.
-        mask_ratio: hidden fraction for masks drawn in the model when ``mask`` is None.
+        mask_ratio: hidden fraction of the model's own masks (``mask=None``) when no ``mask_generator`` is
+            given: MAE's ``random_masking`` (official 0.75).
         norm_pix_loss: regress per-patch normalized pixels (used by the released checkpoints).
         decoder_dim, decoder_depth, decoder_heads: decoder width, blocks and heads (official 512, 8, 16).
+        mask_generator: the rule of the model's own masks, on its patch grid: the run's ``mask`` group
+            generator, the same instance that draws the data's masks (``build_pretrain_module`` passes it).
+            None (``mask=null``, or a model built by hand): :class:`~mim_lightning.masking.RandomMask` at
+            ``mask_ratio``. Its :meth:`~mim_lightning.masking.MaskGenerator.draw` runs on the device.
     """
 
     families = ("vit",)
 
     def __init__(self, backbone: Mapping[str, Any], img_size: int | Sequence[int] = 224, mask_ratio: float = 0.75,
                  norm_pix_loss: bool = True, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 in_chans: int = 3) -> None:
+                 in_chans: int = 3, mask_generator: MaskGenerator | None = None) -> None:
         super().__init__()
         require_family(backbone, self.families, "MAE")
         check_heads(int(backbone["embed_dim"]), int(backbone["num_heads"]), "backbone.num_heads")
-        self.mask_ratio = check_ratio(mask_ratio)
         self.norm_pix_loss = norm_pix_loss
         self.encoder: ViTEncoder = vit_from_spec(dict(backbone), img_size, in_chans=in_chans)
         self.patch_size = self.encoder.patch_size
         self.grid = self.encoder.grid
+        if mask_generator is None:
+            mask_generator = RandomMask(self.encoder.img_size, self.patch_size, mask_ratio)
+        check_model_grid(mask_generator, self.encoder.img_size, self.patch_size, "backbone.patch_size (MAE's patch grid)")
+        self.mask_generator = mask_generator
         self.decoder = MAEDecoder(self.encoder.embed_dim, self.grid, self.patch_size, decoder_dim, decoder_depth,
                                   decoder_heads, float(backbone.get("mlp_ratio", 4.0)), in_chans)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         batch = images.shape[0]
-        flat_mask, len_keep = device_unit_mask(mask, batch, self.grid, self.mask_ratio, images.device)
+        flat_mask, len_keep = device_unit_mask(mask, batch, self.grid, self.mask_generator, images.device)
         ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask, len_keep)
         latent = self.encoder(images, keep_ids=ids_shuffle[:, :len_keep])
         return self.reconstruction_output(images, self.decoder(latent, ids_restore), flat_mask, latent)
