@@ -24,7 +24,11 @@ from mim_lightning.masking import MaskGenerator
 
 
 def build_mask_generator(cfg: DictConfig) -> MaskGenerator | None:
-    """The ``mask`` group's generator, or None when the method draws masks itself (``mask=null``)."""
+    """The ``mask`` group's generator, or None when the method draws masks itself (``mask=null``).
+
+    One instance serves a run: :func:`pretrain` hands the DataModule's generator to the model too
+    (``build_pretrain_module(cfg, mask_generator=...)``), which draws with it when called with ``mask=None``.
+    """
     node = cfg.get("mask")
     return None if node is None else instantiate_checked(node)
 
@@ -67,12 +71,18 @@ def compile_kwargs(cfg: DictConfig) -> dict:
     return {} if node is None else dict(OmegaConf.to_container(node, resolve=True))
 
 
-def build_pretrain_module(cfg: DictConfig) -> pl.LightningModule:
+def build_pretrain_module(cfg: DictConfig, mask_generator: MaskGenerator | None = None) -> pl.LightningModule:
     """The ``method`` group's pretraining LightningModule (``module.model`` is the plain model).
 
+    The model receives ``mask_generator`` (default: a new :func:`build_mask_generator` of ``cfg``; pass the
+    DataModule's to share the instance) for the masks it draws itself when called with ``mask=None``; with
+    ``mask=null`` there is none and the model draws by its own default rule (the method's official one).
     The resolved config is stored in the module's hyper-parameters and so in every checkpoint.
     """
-    factory = instantiate_checked(cfg.method, _partial_=True, _convert_="all")
+    generator = build_mask_generator(cfg) if mask_generator is None else mask_generator
+    # only when there is one, so that a model that draws no masks of its own needs no such argument
+    shared = {} if generator is None else {"model": {"mask_generator": generator}}
+    factory = instantiate_checked(cfg.method, _partial_=True, _convert_="all", **shared)
     try:
         config = to_container(cfg)
         config["run_info"] = run_info()
@@ -255,7 +265,8 @@ def pretrain(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
     check_multirun_strategy(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    return fit_run(cfg, build_datamodule, lambda datamodule, resuming: build_pretrain_module(cfg), log_name="train")
+    return fit_run(cfg, build_datamodule, lambda datamodule, resuming: build_pretrain_module(
+        cfg, mask_generator=datamodule.mask_generator), log_name="train")
 
 
 def fit_run(cfg: DictConfig, make_datamodule, make_module, log_name: str = "train") -> pl.Trainer:

@@ -71,9 +71,16 @@ def _pick(key: Any, table: Any, *default: Any) -> Any:
     raise ConfigError("backbone.family", key, ", ".join(str(k) for k in table), "no value for this family")
 
 
+def _total_stride(patch_size: Any, depths: Any) -> int:
+    """``${mim.total_stride:${.patch_size},${.depths}}``: a Swin's output stride, the patch halved per stage
+    after the first (4 x 2^3 = 32 for four stages)."""
+    return int(patch_size) * 2 ** (len(depths) - 1)
+
+
 OmegaConf.register_new_resolver("mim.auto_precision", _auto_precision, replace=True)
 OmegaConf.register_new_resolver("mim.auto_accelerator", _auto_accelerator, replace=True)
 OmegaConf.register_new_resolver("mim.pick", _pick, replace=True)
+OmegaConf.register_new_resolver("mim.total_stride", _total_stride, replace=True)
 
 #: The experiment a pretraining run gets when it chooses none of :data:`RUN_DEFINING_GROUPS`.
 DEMO_EXPERIMENT = "demo"

@@ -1,14 +1,17 @@
 """Mask generators.
 
-Every generator returns a boolean grid, ``True`` = hidden, on the grid of *model patches* (the
-grid the method's model consumes, see DESIGN.md §3). Masks are drawn on a coarser grid of *mask
+Every generator returns a boolean grid, ``True`` = hidden, on the grid of *model patches*: the grid
+the method's model consumes (:class:`~mim_lightning.models.output.MIMOutput` hands it back as
+``output.mask``), e.g. 14x14 for a 16px ViT at 224px. Masks are drawn on a coarser grid of *mask
 units* (``unit`` pixels, a multiple of the model patch) and expanded, which is how SimMIM builds
 its 32px masks for a 4px Swin patch; MAE is the special case ``unit == patch_size``.
 
 Generators are plain classes driven by a ``numpy.random.Generator``, so the data transform can
 seed them per sample (``(seed, epoch, index)``) and a mask stream is reproducible across machines,
-worker counts and resumes. :func:`random_mask` is the in-model, on-device torch equivalent of
-MAE's ``random_masking`` for a model called with ``mask=None``.
+worker counts and resumes. :meth:`MaskGenerator.draw` is the in-model draw of the same rule for a
+model called with ``mask=None``: on the device in torch where the rule allows it (:func:`random_mask`,
+MAE's ``random_masking``; SimMIM's and MixMAE's counts), so one generator instance serves both the data
+transform and the model.
 """
 
 from __future__ import annotations
@@ -20,29 +23,7 @@ import numpy as np
 import torch
 
 from mim_lightning.errors import ConfigError
-
-
-def to_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    """``224 -> (224, 224)``; ``(192, 256)`` stays as it is."""
-    if isinstance(size, int):
-        return (size, size)
-    height, width = size
-    return (int(height), int(width))
-
-
-def check_ratio(ratio: float, key: str = "mask.ratio") -> float:
-    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
-        raise ConfigError(key, ratio, "a number strictly between 0 and 1, e.g. 0.75")
-    return float(ratio)
-
-
-def check_divisible(size: int | Sequence[int], divisor: int, key: str, divisor_name: str) -> tuple[int, int]:
-    """Raise unless both sides of ``size`` are positive multiples of ``divisor``."""
-    pair = to_pair(size)
-    if divisor <= 0 or any(side <= 0 or side % divisor for side in pair):
-        shown = pair[0] if pair[0] == pair[1] else pair
-        raise ConfigError(key, shown, f"a multiple of {divisor_name}={divisor}", f"not divisible by {divisor}")
-    return pair
+from mim_lightning.geometry import check_divisible, check_ratio, to_pair
 
 
 class MaskGenerator:
@@ -105,6 +86,30 @@ class MaskGenerator:
         rng = rng if rng is not None else np.random.default_rng()
         return self.expand(self.sample_units(rng))
 
+    @property
+    def fixed_hidden(self) -> int | None:
+        """Hidden model patches in every mask :meth:`draw` makes, None when the count varies per mask."""
+        return self.num_hidden
+
+    def draw(self, batch: int, device: torch.device | str | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The masks of a model called with ``mask=None``: bool ``(batch, gh, gw)`` on ``device`` (one
+        ``(1, gh, gw)`` mask with ``per_batch``), True = hidden, drawn from the torch RNG (``generator``, else
+        the global one) so that seeding torch makes them reproducible.
+
+        This rule has no torch form: the numpy draw of :meth:`__call__`, seeded by one integer from the torch
+        RNG, copied to ``device`` without blocking.
+        """
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()))
+        count = 1 if self.per_batch else batch
+        return torch.from_numpy(np.stack([self(rng) for _ in range(count)])).to(device, non_blocking=True)
+
+    def expand_units(self, units: torch.Tensor) -> torch.Tensor:
+        """Torch :meth:`expand`: (B, *unit_grid) -> (B, *grid)."""
+        if self.scale == 1:
+            return units
+        return units.repeat_interleave(self.scale, 1).repeat_interleave(self.scale, 2)
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(input_size={self.input_size}, patch_size={self.patch_size}, "
                 f"unit={self.unit}, ratio={self.ratio}, grid={self.grid}, hidden={self.num_hidden})")
@@ -124,6 +129,12 @@ class RandomMask(MaskGenerator):
         flat[rng.permutation(self.num_units)[: self.num_hidden_units]] = True
         return flat.reshape(self.unit_grid)
 
+    def draw(self, batch: int, device: torch.device | str | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """On the device: :func:`random_mask` on the unit grid, expanded to the model-patch grid."""
+        count = 1 if self.per_batch else batch
+        return self.expand_units(random_mask(count, self.unit_grid, self.ratio, device=device, generator=generator))
+
 
 class SimMIMMask(RandomMask):
     """SimMIM's ``MaskGenerator``: hides ``ceil(L * ratio)`` random mask units (default 32px units).
@@ -134,6 +145,14 @@ class SimMIMMask(RandomMask):
 
     def _hidden_count(self) -> int:
         return int(math.ceil(self.num_units * self.ratio))
+
+    def draw(self, batch: int, device: torch.device | str | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """On the device: per mask the ``num_hidden_units`` units of smallest uniform noise, expanded."""
+        count = 1 if self.per_batch else batch
+        noise = torch.rand(count, self.num_units, device=device, generator=generator)
+        hidden = noise.argsort(dim=1).argsort(dim=1) < self.num_hidden_units
+        return self.expand_units(hidden.reshape(count, *self.unit_grid))
 
 
 class BlockMask(MaskGenerator):
@@ -194,7 +213,7 @@ def random_mask(batch_size: int, grid: tuple[int, int], ratio: float, device: to
     """On-device MAE masking: per sample, hide all but ``int(L * (1 - ratio))`` random patches.
 
     The same rule as ``mae:models_mae.py random_masking`` (uniform noise, argsort), returned as the
-    bool grid ``(B, gh, gw)`` of the DESIGN contract.
+    bool grid ``(B, gh, gw)``, True = hidden, as every generator here returns it.
     """
     length = grid[0] * grid[1]
     keep = int(length * (1.0 - ratio))
@@ -240,6 +259,18 @@ class MixMask(MaskGenerator):
         flat[rng.permutation(self.num_units)[: int(self.num_units * ratio)]] = True
         return flat.reshape(self.unit_grid)
 
+    @property
+    def fixed_hidden(self) -> int | None:
+        return None if self.ratio_range > 0 else self.num_hidden
+
+    def draw(self, batch: int, device: torch.device | str | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """On the device: :func:`mix_mask` (no read-back even with a ``ratio_range``), expanded."""
+        count = 1 if self.per_batch else batch
+        masks = [mix_mask(self.unit_grid, self.ratio, self.ratio_range, device=device, generator=generator)
+                 for _ in range(count)]
+        return self.expand_units(masks[0] if count == 1 else torch.cat(masks))
+
 
 def mix_mask(grid: tuple[int, int], ratio: float, ratio_range: float = 0.0, device: torch.device | str | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -259,3 +290,16 @@ def mix_mask(grid: tuple[int, int], ratio: float, ratio_range: float = 0.0, devi
         count = torch.floor(length * (ratio + offset))
         return (rank < count).reshape(1, *grid)
     return (rank < int(length * ratio)).reshape(1, *grid)
+
+
+def check_model_grid(generator: MaskGenerator, input_size: int | Sequence[int], patch_size: int, grid_name: str) -> None:
+    """A generator handed to a model must draw on the grid the model takes masks on: ``input_size`` images
+    in ``patch_size`` cells (``grid_name`` says which cells, for the message)."""
+    size = to_pair(input_size)
+    if generator.input_size != size:
+        shown = size[0] if size[0] == size[1] else size
+        raise ConfigError("mask.input_size", generator.input_size[0] if generator.input_size[0] == generator.input_size[1]
+                          else generator.input_size, f"{shown}, the model's image size (data.image_size)")
+    if generator.patch_size != int(patch_size):
+        raise ConfigError("mask.patch_size", generator.patch_size, f"{patch_size}, {grid_name}",
+                          f"the model takes masks on its {patch_size}px grid")

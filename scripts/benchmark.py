@@ -67,10 +67,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
-from mim_lightning import ConfigError, build_datamodule, build_pretrain_module, compose
+from mim_lightning import ConfigError, build_datamodule, build_mask_generator, build_pretrain_module, compose
 from mim_lightning.api import compile_kwargs
-from mim_lightning.methods.mae.model import MaskedAutoencoder, device_unit_mask
+from mim_lightning.methods.mae.model import MaskedAutoencoder
 from mim_lightning.models.output import MIMOutput
+from mim_lightning.models.tokens import device_unit_mask
 from mim_lightning.optim import compile_in_place, make_optimizer
 
 #: ``--suite``: every method at a small backbone, then the base sizes at batch 8 (224 px; SimMIM's Swin at
@@ -121,7 +122,7 @@ class MAEAllTokens(MaskedAutoencoder):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         batch = images.shape[0]
-        flat_mask, _ = device_unit_mask(mask, batch, self.grid, self.mask_ratio, images.device)
+        flat_mask, _ = device_unit_mask(mask, batch, self.grid, self.mask_generator, images.device)
         encoder = self.encoder
         x = encoder.patch_embed(images)
         hidden = flat_mask.unsqueeze(-1)
@@ -141,7 +142,7 @@ def mae_all_tokens_module(cfg: Any, module_class: type, recipe: dict[str, Any]) 
     :class:`MAEAllTokens`, built from the config's MAE arguments."""
     kwargs = OmegaConf.to_container(cfg.method.model, resolve=True)
     kwargs.pop("_target_", None)
-    return module_class(MAEAllTokens(**kwargs), **recipe)
+    return module_class(MAEAllTokens(**kwargs, mask_generator=build_mask_generator(cfg)), **recipe)
 
 
 # ------------------------------------------------------------------------------ supervised baselines
@@ -541,7 +542,10 @@ def target_name(node: Any, module: bool = False) -> str | None:
 
 
 def case_header(cfg: Any, label: str | None) -> dict[str, Any]:
-    method = target_name(cfg.method.model, module=True)  # models/<method>.py
+    target = str(cfg.method.model.get("_target_", "")).split(".")
+    # methods/<method>/model.py names the method by its package
+    method = (target[target.index("methods") + 1] if "methods" in target[:-1]
+              else target_name(cfg.method.model, module=True))
     backbone = str(cfg.backbone.get("name", "?"))
     return {"label": label or f"{method} {backbone}", "method": method, "backbone": backbone,
             "image_size": int(cfg.data.image_size), "batch_size": int(cfg.data.batch_size),

@@ -58,7 +58,8 @@ README_BEGIN, README_END = "<!-- small-scale:begin -->", "<!-- small-scale:end -
 VIT = ["backbone=vit_micro", "backbone.name=vit_fmnist", "backbone.patch_size=4", "backbone.embed_dim=96",
        "backbone.depth=4", "backbone.num_heads=3", "backbone.decoder.dim=64", "backbone.decoder.depth=2",
        "backbone.decoder.heads=2"]
-# Three stages at 16/8/4 tokens (2px patches): the total stride 8 gives a 4x4 grid of mask units.
+# Three stages at 16/8/4 tokens (2px patches): the total stride 8 (backbone.stride, derived) gives a 4x4 grid of
+# mask units.
 SWIN = ["backbone=swin_test", "backbone.name=swin_fmnist", "backbone.patch_size=2", "backbone.embed_dim=48",
         "backbone.depths=[1,2,1]", "backbone.num_heads=[2,4,8]", "backbone.decoder.dim=64",
         "backbone.decoder.depth=2", "backbone.decoder.heads=2"]
@@ -81,7 +82,7 @@ METHODS = {
     "mae": Method("mae", "MAE", VIT, ["mask.ratio=0.75"]),
     "simmim": Method("simmim", "SimMIM", SWIN, ["method.model.window_size=4", "mask.unit=8", "mask.ratio=0.6"],
                      ["finetune.classifier.window_size=4"]),
-    "mixmae": Method("mixmae", "MixMAE", SWIN, ["method.model.window_size=[8,8,4]", "method.model.encoder_stride=8"],
+    "mixmae": Method("mixmae", "MixMAE", SWIN, ["method.model.window_size=[8,8,4]"],
                      ["finetune.classifier.window_size=[8,8,4]"]),
     "itpn": Method("itpn", "iTPN-pixel", HIVIT, ["mask.ratio=0.75"]),
 }

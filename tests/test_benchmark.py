@@ -145,17 +145,20 @@ def test_training_step_has_no_host_device_sync(method, family):
 
 def test_a_mask_on_the_device_needs_one_read_that_a_host_mask_avoids():
     """The check above can fail: MAE must read the kept count, which a device mask only gives by a sync."""
-    from mim_lightning.methods.mae.model import device_unit_mask, kept_count
+    from mim_lightning.masking import RandomMask
+    from mim_lightning.models.tokens import device_unit_mask, kept_count
+
+    rule = RandomMask(16, 4, 0.75)  # a 4x4 grid
 
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, :12] = True
     assert kept_count(mask) == 4
-    flat, keep = device_unit_mask(mask, 2, (4, 4), 0.75, torch.device("meta"))
+    flat, keep = device_unit_mask(mask, 2, (4, 4), rule, torch.device("meta"))
     assert keep == 4 and flat.is_meta
     with pytest.raises((RuntimeError, NotImplementedError)):
         kept_count(mask.to("meta"))
     # a drawn mask has a known count and is never read back
-    drawn, keep = device_unit_mask(None, 3, (4, 4), 0.75, torch.device("meta"))
+    drawn, keep = device_unit_mask(None, 3, (4, 4), rule, torch.device("meta"))
     assert keep == 4 and drawn.shape == (3, 16)
 
 

@@ -92,6 +92,49 @@ def test_mask_options_build(option, tmp_path):
     assert generator(None).shape == (8, 8)
 
 
+def test_the_mask_group_reads_nothing_of_the_method():
+    """The graph runs one way: a method picks its mask (its defaults override the mask group), a mask reads the
+    data and the backbone only. No mask file interpolates ``method.``, and every mask under every method
+    resolves to the same values with the method removed."""
+    from mim_lightning.config import CONF_DIR
+
+    for path in sorted((CONF_DIR / "mask").glob("*.yaml")):
+        assert "method." not in path.read_text(), path.name
+    for method in group_options("method"):
+        for mask in group_options("mask"):
+            cfg = compose("pretrain", [f"method={method}", f"mask={mask}", "data.image_size=64"])
+            resolved = OmegaConf.to_container(cfg.mask, resolve=True)
+            without = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+            del without["method"]
+            assert OmegaConf.to_container(without.mask, resolve=True) == resolved, (method, mask)
+    # MixMAE's 32px grid comes from the Swin's stride; under a ViT method the same option uses the patch grid
+    assert compose("pretrain", ["method=mixmae", "backbone=swin_b"]).mask.patch_size == 32
+    assert compose("pretrain", ["method=mae", "backbone=vit_b", "mask=mixmae"]).mask.patch_size == 16
+
+
+def test_one_mask_generator_serves_the_data_and_the_model(tmp_path, monkeypatch, image_folder):
+    """``pretrain`` hands the DataModule's generator to the model (its draws for ``mask=None``); with
+    ``mask=null`` there is none and the model draws by its own default rule."""
+    from mim_lightning import api
+    from mim_lightning.masking import SimMIMMask
+
+    built = {}
+
+    def fit_run(cfg, make_datamodule, make_module, log_name="train"):
+        built["data"] = make_datamodule(cfg)
+        built["model"] = make_module(built["data"], False).model
+
+    monkeypatch.setattr(api, "fit_run", fit_run)
+    base = ["method=simmim", "backbone=swin_test", "data=folder", f"data.root={image_folder}", "data.image_size=64",
+            "data.num_workers=0", f"run_dir={tmp_path}"]
+    api.pretrain(compose("pretrain", [*base, "mask.unit=16", "mask.ratio=0.5"]))
+    assert built["model"].mask_generator is built["data"].mask_generator
+    assert built["model"].mask_generator.unit == 16 and built["model"](torch.randn(2, 3, 64, 64)).mask.sum() == 2 * 8 * 16
+    api.pretrain(compose("pretrain", [*base, "mask=null"]))
+    own = built["model"].mask_generator
+    assert built["data"].mask_generator is None and isinstance(own, SimMIMMask) and (own.ratio, own.unit) == (0.6, 32)
+
+
 @pytest.mark.parametrize("option", group_options("data"))
 def test_data_options_build(option, tmp_path, image_folder, class_folder, fashion_mnist_raw):
     root = {"folder": image_folder, "imagefolder": class_folder}.get(option)

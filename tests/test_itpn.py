@@ -13,7 +13,8 @@ import torch
 
 from mim_lightning import compose, pretrain
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import BlockMask, RandomMask, to_pair
+from mim_lightning.geometry import to_pair
+from mim_lightning.masking import BlockMask, RandomMask
 from mim_lightning.models.backbones.hivit import HiViT, PatchMerge, hivit_from_spec
 from mim_lightning.methods.itpn.model import ITPNPixel
 from mim_lightning.methods.itpn_clip.model import ITPNClip

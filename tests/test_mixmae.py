@@ -320,7 +320,8 @@ def test_window_rule():
 # ---------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(img_size=48), r"data.image_size=48: not divisible by 32"),
-    (dict(encoder_stride=16), r"method.model.encoder_stride=16.*allowed: 32"),
+    (dict(mask_generator=MixMask(64, 16)), r"mask.patch_size=16.*allowed: 32, the encoder's total stride"),
+    (dict(mask_generator=MixMask(128, 32)), r"mask.input_size=128.*allowed: 64"),
     (dict(window_size=[7, 7, 7]), r"method.model.window_size=\[7, 7, 7\].*one window per stage"),
     (dict(mask_ratio=1.0), r"mask.ratio=1.0"),
     (dict(mask_ratio=0.5, mask_ratio_range=0.6), r"mask.ratio_range=0.6"),
@@ -361,13 +362,16 @@ def test_swin_sizes_build_the_mixmim_encoder(backbone, tmp_path):
 def test_the_mask_group_hands_the_model_one_mask_per_batch(tmp_path, image_folder):
     cfg = compose("pretrain", ["method=mixmae", "backbone=swin_test", "data=folder", f"data.root={image_folder}",
                                "data.image_size=64", "data.batch_size=4", "data.num_workers=0", f"run_dir={tmp_path}"])
-    assert cfg.mask._target_.endswith("MixMask") and cfg.mask.patch_size == 32 and cfg.mask.ratio == 0.5
+    # the grid is the backbone's output stride (backbone.stride, derived from patch_size and depths)
+    assert cfg.mask._target_.endswith("MixMask") and cfg.mask.patch_size == cfg.backbone.stride == 32
+    assert cfg.mask.ratio == 0.5
     generator = build_mask_generator(cfg)
     assert generator.grid == (2, 2) and generator.per_batch
     datamodule = build_datamodule(cfg)
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["images"].shape == (4, 3, 64, 64) and batch["mask"].shape == (1, 2, 2)
-    module = build_pretrain_module(cfg)
+    module = build_pretrain_module(cfg, mask_generator=datamodule.mask_generator)
+    assert module.model.mask_generator is datamodule.mask_generator  # the model's own draws follow the data's rule
     out = module.model(batch["images"], batch["mask"])
     assert torch.equal(out.mask, batch["mask"].bool()) and torch.isfinite(out.loss)
 
@@ -393,6 +397,16 @@ def test_cli_fast_dev_run_with_swin_t(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stderr + result.stdout
+
+
+def test_the_mask_grid_follows_a_swin_with_fewer_stages(tmp_path):
+    """Three stages of 2px patches: stride 8, so the mixing mask is on the 8px grid with no other key."""
+    cfg = compose("pretrain", ["method=mixmae", "backbone=swin_test", "backbone.patch_size=2", "backbone.depths=[1,2,1]",
+                               "backbone.num_heads=[2,4,8]", "method.model.window_size=[8,8,4]", "data.image_size=32",
+                               f"run_dir={tmp_path}"])
+    assert cfg.backbone.stride == cfg.mask.patch_size == 8
+    model = build_pretrain_module(cfg).model
+    assert model.grid == (4, 4) and model.draw_mask().shape == (1, 4, 4)
 
 
 def test_an_image_size_off_the_mask_grid_is_a_one_line_error(tmp_path):

@@ -16,7 +16,7 @@ import torch
 
 from mim_lightning import compose
 from mim_lightning.data import ClassFolderSource, ImageFolderSource, PretrainDataModule
-from mim_lightning.data.datamodule import held_out_count, split_train_val
+from mim_lightning.data.split import held_out_count, split_train_val
 from mim_lightning.data.sources import Sample
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import RandomMask

@@ -18,7 +18,7 @@ class TrainingMonitor(Callback):
     mask generator's ``mask/config_ratio`` (``mask.ratio`` as configured), ``mask/applied_ratio`` (the
     fraction its masks actually hide: SimMIM's ``ceil(0.6 * 4)`` of 4 units at 64px is 0.75) and
     ``mask/avg_dist`` (SimMIM's AvgDist, pixels). The generator is the data's, else the model's own
-    (``model.mask_generator``, SimMIM with ``mask=null``).
+    (``model.mask_generator``: the method's default rule with ``mask=null``).
     """
 
     def __init__(self, window: int = 20, mask_samples: int = 64) -> None:

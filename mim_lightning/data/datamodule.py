@@ -1,4 +1,5 @@
-"""The pretraining DataModule over any source: a train/val split, mask-generating transforms, the loaders.
+"""The pretraining DataModule over any source: a train/val split (:mod:`mim_lightning.data.split`),
+mask-generating transforms, the loaders.
 
 Every indexed source (:class:`~mim_lightning.data.sources.Source`) goes through
 :class:`~mim_lightning.data.datasets.ImageDataset` (per-sample seeding, unreadable-sample skipping),
@@ -13,14 +14,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
 from mim_lightning import runlog
 from mim_lightning.data.datasets import MAX_CONSECUTIVE_BAD, ImageDataset, no_readable_images
-from mim_lightning.data.sampler import EpochIndexSampler, ResumableDataLoader
+from mim_lightning.data.sampler import EpochIndexSampler, ResumableDataLoader, TrainPositionState
 from mim_lightning.data.sources import Sample, Source
+from mim_lightning.data.split import held_out_count, split_train_val
 from mim_lightning.data.stream import StreamDataset, StreamLoader
 from mim_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MIMTransform, eval_image_transform, pretrain_image_transform
 from mim_lightning.errors import ConfigError
@@ -33,52 +34,6 @@ def collate_batch_mask(items: list[dict]) -> dict:
     if "mask" in batch:
         batch["mask"] = batch["mask"][:1]
     return batch
-
-
-def held_out_count(count: int, val_fraction: float, val_min: int, val_max: int) -> int:
-    """How many of ``count`` images are held out: ``round(count * val_fraction)``, raised to ``val_min``
-    (and to 1), then capped by ``val_max`` and by half the images (training keeps at least half);
-    0 when ``val_fraction`` is 0."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError("data.val_fraction", val_fraction, "a number in [0, 1), e.g. 0.01 (0: no validation)")
-    if int(val_min) < 0:
-        raise ConfigError("data.val_min_images", val_min, "0 or more (e.g. 8)")
-    if int(val_max) < 0:
-        raise ConfigError("data.val_max_images", val_max, "0 or more (e.g. 1000)")
-    if val_fraction == 0 or count < 2:
-        return 0
-    wanted = max(int(round(count * val_fraction)), int(val_min), 1)
-    return min(wanted, int(val_max), count // 2)
-
-
-def split_train_val(samples: Sequence[Sample], val_fraction: float, val_max: int, seed: int,
-                    val_min: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """A seeded, deterministic split holding out :func:`held_out_count` samples, in list order.
-
-    Unlabelled samples: a seeded random subset. Labelled ones (``label >= 0``): class-stratified, each
-    class giving its share (proportional to its size, ties broken by the seed) and keeping at least one
-    training image."""
-    count = len(samples)
-    num_val = held_out_count(count, val_fraction, val_min, val_max)
-    rng = np.random.default_rng(seed)
-    labels = np.asarray([s.label for s in samples], dtype=np.int64)
-    if num_val == 0:
-        val_ids: set[int] = set()
-    elif (labels < 0).any():
-        val_ids = set(rng.permutation(count)[:num_val].tolist())
-    else:
-        # Systematic allocation: the j-th of a class's n (seeded order) has key (j + 0.5) / n; the smallest
-        # keys are held out, so every class gives about num_val * n / count. A class's last image stays.
-        keys = np.full(count, np.inf)
-        for label in np.unique(labels):
-            members = np.flatnonzero(labels == label)
-            members = members[rng.permutation(len(members))]
-            keys[members[:-1]] = (np.arange(len(members) - 1) + 0.5) / len(members)
-        chosen = np.lexsort((rng.random(count), keys))[:num_val]
-        val_ids = {int(i) for i in chosen if np.isfinite(keys[i])}
-    train = [s for i, s in enumerate(samples) if i not in val_ids]
-    val = [s for i, s in enumerate(samples) if i in val_ids]
-    return train, val
 
 
 def _all_reduce(tensor: torch.Tensor, op: str, trainer: Any = None) -> torch.Tensor:
@@ -136,41 +91,6 @@ def check_readable(train: ImageDataset, val: ImageDataset | None, key: str, valu
         runlog.warning(f"no readable held-out image (all {len(val.samples)} failed to decode): validation is off")
         return None
     return val
-
-
-class TrainPositionState:
-    """DataModule mixin: the training loader's position (epoch, batches done) travels in checkpoints.
-
-    Lightning restores a loader's own state only when it has not built the loader yet, which it has
-    when ``estimated_stepping_batches`` is read in ``configure_optimizers``; the DataModule's
-    ``state_dict``/``load_state_dict`` are always called, before the loader is (re)built. A subclass
-    passes each training loader it builds through :meth:`_track_train_loader`.
-    """
-
-    _train_loader: Any = None
-    _resume_state: dict | None = None
-
-    def _track_train_loader(self, loader: Any) -> Any:
-        """Remember the training loader and apply a position restored before it was built."""
-        if self._resume_state is not None:
-            loader.load_state_dict(self._resume_state)
-            self._resume_state = None
-        self._train_loader = loader
-        return loader
-
-    def state_dict(self) -> dict:
-        """The training position (epoch, batches done), saved in every checkpoint for exact resumes."""
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Called by Lightning when resuming, before the training loader is built."""
-        state = state_dict.get("train_loader")
-        if state is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.load_state_dict(state)
-        else:
-            self._resume_state = dict(state)
 
 
 class PretrainDataModule(TrainPositionState, pl.LightningDataModule):

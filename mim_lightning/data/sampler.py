@@ -1,4 +1,5 @@
-"""A sampler that shards by rank and tells each sample its epoch."""
+"""A sampler that shards by rank and tells each sample its epoch, the loader that resumes mid-epoch, and
+the DataModule mixin that carries the training position in checkpoints."""
 
 from __future__ import annotations
 
@@ -86,3 +87,38 @@ class ResumableDataLoader(DataLoader):
             self.sampler.resume(epoch + 1, 0)
         else:
             self.sampler.resume(epoch, done * int(state.get("batch_size", self.batch_size or 1)))
+
+
+class TrainPositionState:
+    """DataModule mixin: the training loader's position (epoch, batches done) travels in checkpoints.
+
+    Lightning restores a loader's own state only when it has not built the loader yet, which it has
+    when ``estimated_stepping_batches`` is read in ``configure_optimizers``; the DataModule's
+    ``state_dict``/``load_state_dict`` are always called, before the loader is (re)built. A subclass
+    passes each training loader it builds through :meth:`_track_train_loader`.
+    """
+
+    _train_loader: Any = None
+    _resume_state: dict | None = None
+
+    def _track_train_loader(self, loader: Any) -> Any:
+        """Remember the training loader and apply a position restored before it was built."""
+        if self._resume_state is not None:
+            loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """The training position (epoch, batches done), saved in every checkpoint for exact resumes."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Called by Lightning when resuming, before the training loader is built."""
+        state = state_dict.get("train_loader")
+        if state is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._resume_state = dict(state)

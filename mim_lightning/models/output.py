@@ -1,4 +1,5 @@
-"""What every pretraining model returns (DESIGN.md §3)."""
+"""What every pretraining model returns: ``model(images, mask=None) -> MIMOutput``, the one contract that the
+pretraining module, the callbacks and the scripts rely on (``mask`` a bool grid, True = hidden)."""
 
 from __future__ import annotations
 

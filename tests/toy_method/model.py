@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mim_lightning.losses import masked_mse, patchify
+from mim_lightning.masking import MaskGenerator, RandomMask
 from mim_lightning.models.backbones.vit import vit_from_spec
 from mim_lightning.models.features import pool_cls_tokens
 from mim_lightning.models.output import MIMOutput, PatchPixels
@@ -17,10 +18,13 @@ from mim_lightning.models.tokens import device_unit_mask, visible_first_order
 
 
 class ToyMIM(nn.Module):
-    def __init__(self, backbone: Mapping[str, Any], img_size: int | Sequence[int] = 32, mask_ratio: float = 0.5) -> None:
+    def __init__(self, backbone: Mapping[str, Any], img_size: int | Sequence[int] = 32, mask_ratio: float = 0.5,
+                 mask_generator: MaskGenerator | None = None) -> None:
         super().__init__()
         self.encoder = vit_from_spec(dict(backbone), img_size)
-        self.patch_size, self.grid, self.mask_ratio = self.encoder.patch_size, self.encoder.grid, float(mask_ratio)
+        self.patch_size, self.grid = self.encoder.patch_size, self.encoder.grid
+        # the run's mask generator (api.build_pretrain_module passes it), else its own for mask=None
+        self.mask_generator = mask_generator or RandomMask(self.encoder.img_size, self.patch_size, mask_ratio)
         dim = self.encoder.embed_dim
         self.position = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], dim))
         self.head = nn.Linear(dim, self.patch_size ** 2 * 3)
@@ -30,7 +34,7 @@ class ToyMIM(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         batch = images.shape[0]
-        flat_mask, len_keep = device_unit_mask(mask, batch, self.grid, self.mask_ratio, images.device)
+        flat_mask, len_keep = device_unit_mask(mask, batch, self.grid, self.mask_generator, images.device)
         ids_shuffle, _, len_keep = visible_first_order(flat_mask, len_keep)
         latent = self.encoder(images, keep_ids=ids_shuffle[:, :len_keep])
         pred = self.head(latent[:, 1:].mean(dim=1, keepdim=True) + self.position)

@@ -30,7 +30,8 @@ at the sin-cos init).
 Differences from the official code, none of which changes the loss for a given mask:
 - The mask can be passed in (bool unit grid, True = hidden); the visible units then enter the encoder
   in raster order instead of ``argsort(noise)`` order (attention is permutation-equivariant and nothing
-  else mixes units). ``mask=None`` draws MAE's per-sample random mask on the device.
+  else mixes units). ``mask=None`` draws the model's ``mask_generator`` on the device (MAE's per-sample
+  random mask unless the run's mask group says otherwise).
 - Attention uses ``F.scaled_dot_product_attention``.
 - Weight init: as the official, trunc-normal(0.02) Linear weights, zero biases, LN 1/0, default Conv
   init, sin-cos initialised learnable ``absolute_pos_embed``, frozen sin-cos decoder positions,
@@ -48,12 +49,12 @@ from torch import nn
 
 from mim_lightning.errors import ConfigError
 from mim_lightning.losses import masked_mse, normalize_patches, patchify
-from mim_lightning.masking import check_ratio
-from mim_lightning.models.backbones import require_family
+from mim_lightning.masking import MaskGenerator, RandomMask, check_model_grid
+from mim_lightning.models.backbones import check_heads, require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
-from mim_lightning.methods.mae.model import check_heads, device_unit_mask, visible_first_order
 from mim_lightning.models.output import MIMOutput, PatchPixels
 from mim_lightning.models.pos_embed import sincos_2d
+from mim_lightning.models.tokens import device_unit_mask, visible_first_order
 
 
 class PatchSplit(nn.Module):
@@ -193,13 +194,17 @@ class ITPNPixel(nn.Module):
     Args:
         backbone: a ``hivit`` backbone spec (``conf/backbone/hivit_*.yaml``).
         img_size: input size in pixels, a multiple of the 16 px unit.
-        mask_ratio: hidden fraction for masks drawn in the model when ``mask`` is None (0.75).
+        mask_ratio: hidden fraction of the model's own masks (``mask=None``) when no ``mask_generator`` is
+            given: MAE's per-sample random mask (official 0.75).
         norm_pix_loss: per-unit normalized pixel targets (hard-wired on in the official code).
         fpn_dim, fpn_depth: pyramid width (256) and MLP blocks per up-sampling step (2).
         decoder_dim, decoder_depth, decoder_heads: the fused decoder (official 512, 8, 16).
         drop_path_rate, rpe, ape_init: encoder options (official pretraining: 0, no RPE, sin-cos APE).
         official_pos_resample: add the official bicubic resampling of the position table to the kept
             units (True, official) or the stored table (False); see the module docstring.
+        mask_generator: the rule of the model's own masks, on the 16 px unit grid: the run's ``mask`` group
+            generator, the instance that draws the data's masks (``build_pretrain_module`` passes it). None
+            (``mask=null``, or a model built by hand): :class:`~mim_lightning.masking.RandomMask` at ``mask_ratio``.
 
     ``output.latent`` holds the main-stage tokens of the visible units (B, K, C), in raster order.
     """
@@ -209,16 +214,20 @@ class ITPNPixel(nn.Module):
     def __init__(self, backbone: Mapping[str, Any], img_size: int | Sequence[int] = 224, mask_ratio: float = 0.75,
                  norm_pix_loss: bool = True, fpn_dim: int = 256, fpn_depth: int = 2, decoder_dim: int = 512,
                  decoder_depth: int = 8, decoder_heads: int = 16, drop_path_rate: float = 0.0, rpe: bool = False,
-                 ape_init: str = "sincos", in_chans: int = 3, official_pos_resample: bool = True) -> None:
+                 ape_init: str = "sincos", in_chans: int = 3, official_pos_resample: bool = True,
+                 mask_generator: MaskGenerator | None = None) -> None:
         super().__init__()
         require_family(backbone, self.families, "iTPN")
-        self.mask_ratio = check_ratio(mask_ratio)
         self.norm_pix_loss = bool(norm_pix_loss)
         self.encoder: HiViT = hivit_from_spec(backbone, img_size, drop_path_rate=drop_path_rate, rpe=rpe,
                                               ape_init=ape_init, in_chans=in_chans,
                                               official_pos_resample=official_pos_resample)
         self.patch_size = self.encoder.patch_size
         self.grid = self.encoder.grid
+        if mask_generator is None:
+            mask_generator = RandomMask(self.encoder.img_size, self.patch_size, mask_ratio)
+        check_model_grid(mask_generator, self.encoder.img_size, self.patch_size, "backbone.patch_size (iTPN's unit grid)")
+        self.mask_generator = mask_generator
         mlp_ratio = float(backbone.get("mlp_ratio", 4.0))
         self.pyramid = FeaturePyramid(self.encoder.embed_dim, fpn_dim, fpn_depth, mlp_ratio)
         self.decoder = PyramidDecoder(fpn_dim, self.grid, self.patch_size, decoder_dim, decoder_depth, decoder_heads,
@@ -229,7 +238,7 @@ class ITPNPixel(nn.Module):
         batch = images.shape[0]
         # a host mask is counted on the host and copied without blocking (no device sync per step)
         flat_mask, len_keep = device_unit_mask(None if mask is None else flat_unit_mask(mask, batch, self.grid),
-                                               batch, self.grid, self.mask_ratio, images.device)
+                                               batch, self.grid, self.mask_generator, images.device)
         ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask, len_keep)
         keep_ids = ids_shuffle[:, :len_keep]
         x, features = self.encoder.forward_stem(images, keep_ids)

@@ -3,7 +3,8 @@
 frozen CLIP teacher's normalized patch features.
 
 - Mask: BEiT block-wise, from the data transform (``mask=block``: ~75 of 196 units). ``mask=None``
-  draws one with :class:`mim_lightning.masking.BlockMask` from the global torch RNG.
+  draws with the model's ``mask_generator`` (the data's instance; :class:`mim_lightning.masking.BlockMask`
+  under ``mask=null``) from the global torch RNG.
 - Encoder: *all* units go through the MLP stems; at main-stage entry hidden units are replaced by a
   learnable ``mask_token`` (``x * (1 - w) + mask_token * w``), then APE, then ``depth`` attention blocks
   with a relative position bias and layer scale (``gamma`` init 0.1; stem blocks too).
@@ -61,13 +62,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import BlockMask, check_ratio
+from mim_lightning.masking import BlockMask, MaskGenerator, check_model_grid
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
 from mim_lightning.methods.itpn.model import FeaturePyramid, check_pyramid_width, flat_unit_mask, pyramid_embed
@@ -242,7 +242,8 @@ class ITPNClip(nn.Module):
         teacher: :class:`ClipTeacher` options (``source``, ``model_name``, ``checkpoint``, ``model_kwargs``,
             ``mean``, ``std``, ``official_scaling``, ``allow_random``, ``seed``).
         data_mean, data_std: the normalization of the input images (``data.mean/std``).
-        mask_ratio, mask_min_block: the block mask drawn when ``mask`` is None (0.4, 16).
+        mask_ratio, mask_min_block: the model's own block masks (``mask=None``) when no ``mask_generator`` is
+            given (0.4, 16).
         fpn_dim, fpn_depth: pyramid width (256) and blocks per up-sampling step (1).
         layer_scale_init: ``gamma`` init of every encoder block (0.1).
         drop_path_rate: stochastic depth over stems + main stage (0.1 for B, 0.2 for L).
@@ -251,6 +252,10 @@ class ITPNClip(nn.Module):
         aux_depth: blocks in the auxiliary branch (2); it taps main block ``int(0.75 * depth)``.
         mask_laterals: zero the stem features of hidden units before the pyramid (default off = official).
         loss_beta: SmoothL1 beta (1).
+        mask_generator: the rule of the model's own masks, on the unit grid: the run's ``mask`` group
+            generator, the instance that draws the data's masks (``build_pretrain_module`` passes it). None
+            (``mask=null``, or a model built by hand): :class:`~mim_lightning.masking.BlockMask` from
+            ``mask_ratio`` and ``mask_min_block``.
 
     ``output.latent`` is the main-stage output for all units (B, N, C); ``output.losses`` has ``loss_main``
     and ``loss_aux``. Teacher weights are left out of ``state_dict()`` and ignored by ``load_state_dict``.
@@ -263,7 +268,8 @@ class ITPNClip(nn.Module):
                  data_std: Sequence[float] = IMAGENET_STD, mask_ratio: float = 0.4, mask_min_block: int = 16,
                  fpn_dim: int = 256, fpn_depth: int = 1, layer_scale_init: float | None = 0.1,
                  drop_path_rate: float = 0.1, rpe: bool = True, ape_init: str = "trunc_normal", aux_depth: int = 2,
-                 mask_laterals: bool = False, loss_beta: float = 1.0, in_chans: int = 3) -> None:
+                 mask_laterals: bool = False, loss_beta: float = 1.0, in_chans: int = 3,
+                 mask_generator: MaskGenerator | None = None) -> None:
         super().__init__()
         require_family(backbone, self.families, "iTPN-CLIP")
         self.encoder: HiViT = hivit_from_spec(backbone, img_size, drop_path_rate=drop_path_rate, rpe=rpe,
@@ -272,8 +278,10 @@ class ITPNClip(nn.Module):
         check_pyramid_width(dim, "backbone.embed_dim")
         self.grid = self.encoder.grid
         self.patch_size = self.encoder.patch_size
-        self.mask_ratio = check_ratio(mask_ratio)
-        self.mask_min_block = int(mask_min_block)
+        if mask_generator is None:
+            mask_generator = BlockMask(self.encoder.img_size, self.patch_size, mask_ratio, min_block=int(mask_min_block))
+        check_model_grid(mask_generator, self.encoder.img_size, self.patch_size, "backbone.patch_size (iTPN's unit grid)")
+        self.mask_generator = mask_generator
         self.mask_laterals = bool(mask_laterals)
         self.loss_beta = float(loss_beta)
         if isinstance(aux_depth, bool) or not isinstance(aux_depth, int) or aux_depth < 0:
@@ -323,10 +331,10 @@ class ITPNClip(nn.Module):
         _drop_teacher_keys(incompatible_keys.missing_keys)
 
     def default_mask(self, batch: int, device: torch.device) -> torch.Tensor:
-        """A BEiT block mask per sample, drawn from a numpy generator seeded by the global torch RNG."""
-        generator = BlockMask(self.encoder.img_size, self.patch_size, self.mask_ratio, min_block=self.mask_min_block)
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
-        return torch.from_numpy(np.stack([generator(rng) for _ in range(batch)])).to(device, non_blocking=True)
+        """The masks of ``mask=None``: the ``mask_generator``'s draw (BEiT block masks by default, from a numpy
+        generator seeded by the global torch RNG)."""
+        mask = self.mask_generator.draw(batch, device=device)
+        return mask.expand(batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask  # a per-batch rule: shared
 
     def predict(self, images: torch.Tensor, flat_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(main-head prediction, auxiliary prediction) both (B, N, teacher_dim), and the main-stage output (B, N, C)."""

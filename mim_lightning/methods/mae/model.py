@@ -11,7 +11,8 @@ Differences from the official code, none of which changes the loss for a given m
 - Attention uses timm's fused ``scaled_dot_product_attention`` (same math, not bit-identical to
   timm 0.3.2's explicit softmax).
 - The mask may live on the CPU while the images are on the GPU: the number of kept patches (a tensor
-  shape) is read where the mask is, so a host mask costs no device sync (see :func:`kept_count`).
+  shape) is read where the mask is, so a host mask costs no device sync
+  (see :func:`mim_lightning.models.tokens.kept_count`).
 """
 
 from __future__ import annotations
@@ -24,59 +25,13 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mim_lightning.errors import ConfigError
 from mim_lightning.losses import masked_mse, normalize_patches, patchify
-from mim_lightning.masking import check_ratio, random_mask
-from mim_lightning.models.backbones import require_family
+from mim_lightning.masking import MaskGenerator, RandomMask, check_model_grid
+from mim_lightning.models.backbones import check_heads, require_family
 from mim_lightning.models.backbones.vit import ViTEncoder, init_linear_and_norm, vit_from_spec
 from mim_lightning.models.output import MIMOutput, PatchPixels
 from mim_lightning.models.pos_embed import sincos_2d
-
-
-def check_heads(dim: int, heads: int, key: str) -> None:
-    if heads <= 0 or dim % heads or dim % 4:
-        raise ConfigError(key, heads, f"a head count dividing the width {dim} (width divisible by 4)")
-
-
-def kept_count(mask: torch.Tensor) -> int:
-    """Visible patches per sample of a (B, L) bool mask; :class:`ConfigError` unless every row hides the
-    same number (the encoder drops hidden patches, so rows must stay the same length).
-
-    The count becomes a tensor shape, so it has to be read on the host: free for a mask on the CPU (the
-    pretraining module hands masks over on the host for that reason), one device sync for a GPU mask.
-    """
-    hidden = mask.sum(dim=1)
-    low, high = (int(v) for v in torch.stack(hidden.aminmax()).tolist())
-    if low != high:
-        raise ConfigError("mask", f"{low}..{high} hidden patches per sample",
-                          "the same number of hidden patches in every sample of a batch (MAE drops them)")
-    return mask.shape[1] - low
-
-
-def visible_first_order(mask: torch.Tensor, len_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For a (B, L) bool mask with the same number of hidden patches per row, return
-    ``(ids_shuffle, ids_restore, len_keep)``: visible indices first (raster order), then hidden.
-    ``len_keep`` (from :func:`kept_count`) is computed from the mask when not given."""
-    if len_keep is None:
-        len_keep = kept_count(mask)
-    ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    return ids_shuffle, ids_restore, len_keep
-
-
-def device_unit_mask(mask: torch.Tensor | None, batch: int, grid: tuple[int, int], ratio: float,
-                     device: torch.device) -> tuple[torch.Tensor, int]:
-    """The (B, L) bool mask on ``device`` and its kept count, with no device sync: a given mask (any device,
-    (B, ...) or one (1, ...) mask for the batch) is counted where it lives (see :func:`kept_count`) and
-    then copied without blocking; ``None`` draws :func:`random_mask` on the device, whose count is known."""
-    length = grid[0] * grid[1]
-    if mask is None:
-        return random_mask(batch, grid, ratio, device=device).reshape(batch, length), int(length * (1.0 - ratio))
-    if mask.shape[0] == 1 and batch > 1:
-        mask = mask.expand(batch, *mask.shape[1:])  # one mask shared by the batch
-    flat = mask.reshape(batch, -1).bool()
-    len_keep = kept_count(flat)
-    return flat.to(device, non_blocking=True), len_keep
+from mim_lightning.models.tokens import device_unit_mask, visible_first_order
 
 
 class MAEDecoder(nn.Module):
@@ -124,24 +79,32 @@ class MaskedAutoencoder(nn.Module):
     Args:
         backbone: a ``vit`` backbone spec (``conf/backbone/vit_*.yaml``).
         img_size: input size in pixels, a multiple of the patch size.
-        mask_ratio: hidden fraction for masks drawn in the model when ``mask`` is None.
+        mask_ratio: hidden fraction of the model's own masks (``mask=None``) when no ``mask_generator`` is
+            given: MAE's ``random_masking`` (official 0.75).
         norm_pix_loss: regress per-patch normalized pixels (used by the released checkpoints).
         decoder_dim, decoder_depth, decoder_heads: decoder width, blocks and heads (official 512, 8, 16).
+        mask_generator: the rule of the model's own masks, on its patch grid: the run's ``mask`` group
+            generator, the same instance that draws the data's masks (``build_pretrain_module`` passes it).
+            None (``mask=null``, or a model built by hand): :class:`~mim_lightning.masking.RandomMask` at
+            ``mask_ratio``. Its :meth:`~mim_lightning.masking.MaskGenerator.draw` runs on the device.
     """
 
     families = ("vit",)
 
     def __init__(self, backbone: Mapping[str, Any], img_size: int | Sequence[int] = 224, mask_ratio: float = 0.75,
                  norm_pix_loss: bool = True, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 in_chans: int = 3) -> None:
+                 in_chans: int = 3, mask_generator: MaskGenerator | None = None) -> None:
         super().__init__()
         require_family(backbone, self.families, "MAE")
         check_heads(int(backbone["embed_dim"]), int(backbone["num_heads"]), "backbone.num_heads")
-        self.mask_ratio = check_ratio(mask_ratio)
         self.norm_pix_loss = norm_pix_loss
         self.encoder: ViTEncoder = vit_from_spec(dict(backbone), img_size, in_chans=in_chans)
         self.patch_size = self.encoder.patch_size
         self.grid = self.encoder.grid
+        if mask_generator is None:
+            mask_generator = RandomMask(self.encoder.img_size, self.patch_size, mask_ratio)
+        check_model_grid(mask_generator, self.encoder.img_size, self.patch_size, "backbone.patch_size (MAE's patch grid)")
+        self.mask_generator = mask_generator
         self.decoder = MAEDecoder(self.encoder.embed_dim, self.grid, self.patch_size, decoder_dim, decoder_depth,
                                   decoder_heads, float(backbone.get("mlp_ratio", 4.0)), in_chans)
 
@@ -155,7 +118,7 @@ class MaskedAutoencoder(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         batch = images.shape[0]
-        flat_mask, len_keep = device_unit_mask(mask, batch, self.grid, self.mask_ratio, images.device)
+        flat_mask, len_keep = device_unit_mask(mask, batch, self.grid, self.mask_generator, images.device)
         ids_shuffle, ids_restore, len_keep = visible_first_order(flat_mask, len_keep)
         latent = self.encoder(images, keep_ids=ids_shuffle[:, :len_keep])
         return self.reconstruction_output(images, self.decoder(latent, ids_restore), flat_mask, latent)

@@ -35,8 +35,8 @@ from torch import nn
 
 from mim_lightning.errors import ConfigError
 from mim_lightning.losses import normalize_patches, patchify
-from mim_lightning.masking import check_ratio, check_ratio_range, mix_mask
-from mim_lightning.models.backbones import require_family
+from mim_lightning.masking import MaskGenerator, MixMask, check_model_grid
+from mim_lightning.models.backbones import check_heads, require_family
 from mim_lightning.models.backbones.mixmim import DEFAULT_WINDOWS, MixMIMEncoder, mixmim_from_spec
 from mim_lightning.models.backbones.vit import init_linear_and_norm
 from mim_lightning.models.output import MIMOutput, PatchPixels
@@ -66,9 +66,7 @@ class MixMAEDecoder(nn.Module):
     def __init__(self, encoder_dim: int, grid: tuple[int, int], stride: int, dim: int = 512, depth: int = 8,
                  num_heads: int = 16, mlp_ratio: float = 4.0, in_chans: int = 3) -> None:
         super().__init__()
-        if num_heads <= 0 or dim % num_heads or dim % 4:
-            raise ConfigError("method.model.decoder_heads", num_heads, f"a head count dividing the width {dim} "
-                              "(width divisible by 4)")
+        check_heads(dim, num_heads, "method.model.decoder_heads")
         self.grid = grid
         self.decoder_embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -111,15 +109,19 @@ class MixMAE(nn.Module):
     Args:
         backbone: a ``swin`` backbone spec (``conf/backbone/swin_*.yaml``): patch_size, embed_dim,
             depths, num_heads, mlp_ratio.
-        img_size: input size, a multiple of ``encoder_stride``.
-        mask_ratio, mask_ratio_range: for masks drawn in the model (official 0.5 and 0).
+        img_size: input size, a multiple of the encoder's total stride (32 for Swin).
+        mask_ratio, mask_ratio_range: the model's own masks (``mask=None``) when no ``mask_generator`` is
+            given (official 0.5 and 0).
         norm_pix_loss: regress per-patch normalized pixels (official recipe: True).
         window_size: per-stage windows (official [14, 14, 14, 7] at 224px; [16, 16, 24, 12] at 384px).
-        encoder_stride: the mask unit in pixels; must equal the encoder's total stride
-            (``patch_size * 2**(stages-1)``, 32 for Swin). The ``mask`` config group reads it.
         mask_attention: restrict attention to same-image tokens (official); False is the paper's ablation.
         drop_path_rate: stochastic depth of the encoder (0 in the official pretraining).
         decoder_dim, decoder_depth, decoder_heads: decoder width, blocks and heads (official 512, 8, 16).
+        mask_generator: the rule of the model's own masks, on the encoder's output grid (its ``patch_size``
+            is the encoder's total stride ``backbone.patch_size * 2**(stages-1)``: ``backbone.stride``, which
+            ``conf/mask/mixmae.yaml`` reads): the run's ``mask`` group generator, the instance that draws the
+            data's masks (``build_pretrain_module`` passes it). None (``mask=null``, or a model built by hand):
+            :class:`~mim_lightning.masking.MixMask` from ``mask_ratio`` and ``mask_ratio_range``.
     """
 
     families = ("swin",)
@@ -128,43 +130,39 @@ class MixMAE(nn.Module):
 
     def __init__(self, backbone: Mapping[str, Any], img_size: int | Sequence[int] = 224, mask_ratio: float = 0.5,
                  mask_ratio_range: float = 0.0, norm_pix_loss: bool = True,
-                 window_size: Sequence[int] = DEFAULT_WINDOWS, encoder_stride: int = 32, mask_attention: bool = True,
+                 window_size: Sequence[int] = DEFAULT_WINDOWS, mask_attention: bool = True,
                  drop_path_rate: float = 0.0, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 in_chans: int = 3) -> None:
+                 in_chans: int = 3, mask_generator: MaskGenerator | None = None) -> None:
         super().__init__()
         require_family(backbone, self.families, "MixMAE")
-        self.mask_ratio = check_ratio(mask_ratio)
-        self.mask_ratio_range = check_ratio_range(self.mask_ratio, mask_ratio_range)
         self.norm_pix_loss = bool(norm_pix_loss)
         self.encoder: MixMIMEncoder = mixmim_from_spec(dict(backbone), img_size, window_size=list(window_size),
                                                        drop_path_rate=drop_path_rate, mask_attention=mask_attention,
                                                        in_chans=in_chans)
-        if int(encoder_stride) != self.encoder.stride:
-            raise ConfigError("method.model.encoder_stride", encoder_stride,
-                              f"{self.encoder.stride}, the encoder's total stride (backbone.patch_size x 2^(stages-1))")
         self.stride = self.encoder.stride
         self.grid = self.encoder.out_grid
         length = self.grid[0] * self.grid[1]
         if length < 2:
             raise ConfigError("data.image_size", self.encoder.img_size[0],
                               f"at least two {self.stride}px mask units (e.g. {2 * self.stride})")
-        for ratio in {self.mask_ratio, self.mask_ratio + self.mask_ratio_range}:
-            if not 0 < int(length * ratio) < length:
-                raise ConfigError("mask.ratio", mask_ratio, f"a ratio that sets between 1 and {length - 1} of the "
-                                  f"{length} mask units at this image size")
+        if mask_generator is None:  # checks the ratio and range against the units (one-line errors)
+            mask_generator = MixMask(self.encoder.img_size, self.stride, mask_ratio, ratio_range=mask_ratio_range)
+        check_model_grid(mask_generator, self.encoder.img_size, self.stride,
+                         "the encoder's total stride (backbone.stride): MixMAE mixes on its output grid")
+        self.mask_generator = mask_generator
         self.decoder = MixMAEDecoder(self.encoder.num_features, self.grid, self.stride, decoder_dim, decoder_depth,
                                      decoder_heads, float(backbone.get("mlp_ratio", 4.0)), in_chans)
 
     def draw_mask(self, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A (1, gh, gw) mixing mask by the official rule."""
-        return mix_mask(self.grid, self.mask_ratio, self.mask_ratio_range, device=device, generator=generator)
+        """A (1, gh, gw) mixing mask by the model's ``mask_generator`` (by default the official rule)."""
+        return self.mask_generator.draw(1, device=device, generator=generator)[:1]
 
     def check_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Any accepted mask form -> (1, gh, gw) bool."""
         shape = tuple(mask.shape)
         if shape[-2:] != self.grid or mask.ndim not in (2, 3):
             raise ConfigError("mask", f"shape {shape}", f"(1, {self.grid[0]}, {self.grid[1]}): one mask for the batch on "
-                              f"the {self.stride}px output grid (conf/mask/mixmae.yaml; method.model.encoder_stride)")
+                              f"the {self.stride}px output grid (conf/mask/mixmae.yaml: mask.patch_size=backbone.stride)")
         return mask.reshape(-1, *self.grid)[:1].bool()
 
 

@@ -10,7 +10,8 @@ the hidden pixels of the normalized image (no per-patch normalization):
 
 Masks are made in the data transform (``mask=simmim``: ``ceil(ratio * units)`` random 32px units,
 expanded to the model-patch grid) and passed in; ``model(images)`` without a mask draws one on the
-device with the same rule.
+device with the same rule (the model's ``mask_generator``: the data's generator instance, or its own
+``SimMIMMask(mask_ratio, mask_unit)`` under ``mask=null``).
 
 Differences from the official code, none of which changes the loss for given weights and mask:
 - Attention runs through timm's fused ``scaled_dot_product_attention`` (same math, not bit-identical).
@@ -20,7 +21,7 @@ Differences from the official code, none of which changes the loss for given wei
 - ``drop_path_rate=None`` picks the official per-family value (ViT 0.1, Swin 0.0). With stochastic depth
   the loss of a model in training mode is random; in eval mode the same weights, mask and images give
   the same loss.
-- A per-batch mask (1, gh, gw), as ``mask=mixmae`` produces, is broadcast to the batch.
+- A per-batch mask (1, gh, gw), as a generator with ``per_batch=True`` produces, is broadcast to the batch.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ import torch
 from torch import nn
 
 from mim_lightning.errors import ConfigError
+from mim_lightning.geometry import to_pair
 from mim_lightning.losses import masked_pixel_l1
-from mim_lightning.masking import SimMIMMask, to_pair
+from mim_lightning.masking import MaskGenerator, SimMIMMask, check_model_grid
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.simmim_vit import SimMIMViTEncoder, simmim_vit_from_spec
 from mim_lightning.models.backbones.swin import SwinEncoder, swin_from_spec
@@ -43,16 +45,6 @@ from mim_lightning.models.output import MIMOutput
 DROP_PATH_RATE = {"vit": 0.1, "swin": 0.0}
 
 
-def unit_mask(batch_size: int, generator: SimMIMMask, device: torch.device | str | None = None,
-              rng: torch.Generator | None = None) -> torch.Tensor:
-    """On-device SimMIM mask: per sample, ``generator.num_hidden_units`` random units (the official
-    ``ceil(units * ratio)``), expanded to the model-patch grid: bool (B, gh, gw), True = hidden."""
-    noise = torch.rand(batch_size, generator.num_units, device=device, generator=rng)
-    hidden = noise.argsort(dim=1).argsort(dim=1) < generator.num_hidden_units
-    units = hidden.reshape(batch_size, *generator.unit_grid)
-    return units.repeat_interleave(generator.scale, 1).repeat_interleave(generator.scale, 2)
-
-
 class SimMIM(nn.Module):
     """SimMIM pretraining model: ``model(images, mask=None) -> MIMOutput``.
 
@@ -60,11 +52,15 @@ class SimMIM(nn.Module):
         backbone: a ``vit`` or ``swin`` backbone spec (``conf/backbone/*.yaml``).
         img_size: input size in pixels; a multiple of the mask unit (and, for Swin, of the stride 32
             and compatible with the window).
-        mask_ratio, mask_unit: the rule for masks drawn in the model when ``mask`` is None (official
-            0.6 and 32px; ``ceil`` count), and the checks of the image size against the unit.
+        mask_ratio, mask_unit: the rule of the model's own masks (``mask=None``) when no ``mask_generator``
+            is given (official 0.6 and 32px; ``ceil`` count), and the checks of the image size against the unit.
         window_size: Swin window; None scales ``backbone.simmim_window_size`` (the window at 192px)
             with the image (see :func:`~mim_lightning.models.backbones.swin.simmim_window_size`).
         drop_path_rate: stochastic depth; None picks the official value of the family (ViT 0.1, Swin 0).
+        mask_generator: the rule of the model's own masks, on the model-patch grid: the run's ``mask`` group
+            generator, the instance that draws the data's masks (``build_pretrain_module`` passes it). None
+            (``mask=null``, or a model built by hand): :class:`~mim_lightning.masking.SimMIMMask` from
+            ``mask_ratio`` and ``mask_unit``, drawn on the device.
 
     Shapes: images (B, 3, H, W) normalized; ``mask`` (B, H/p, W/p) bool on the model-patch grid
     (p = 4 for Swin: (B, 48, 48) at 192px; p = 16 for ViT-B: (B, 14, 14) at 224px). Output ``pred``
@@ -76,14 +72,17 @@ class SimMIM(nn.Module):
 
     def __init__(self, backbone: Mapping[str, Any], img_size: int | Sequence[int] = 192, mask_ratio: float = 0.6,
                  mask_unit: int = 32, window_size: int | None = None, drop_path_rate: float | None = None,
-                 in_chans: int = 3) -> None:
+                 in_chans: int = 3, mask_generator: MaskGenerator | None = None) -> None:
         super().__init__()
         require_family(backbone, self.families, "SimMIM")
         self.family = str(backbone["family"])
         img_size = to_pair(img_size)
         patch_size = int(backbone["patch_size"])
         # Checks mask.unit against the patch and data.image_size against the unit (one-line errors).
-        self.mask_generator = SimMIMMask(img_size, patch_size, mask_ratio, mask_unit)
+        if mask_generator is None:
+            mask_generator = SimMIMMask(img_size, patch_size, mask_ratio, mask_unit)
+        check_model_grid(mask_generator, img_size, patch_size, "backbone.patch_size (SimMIM's model-patch grid)")
+        self.mask_generator = mask_generator
         rate = DROP_PATH_RATE[self.family] if drop_path_rate is None else float(drop_path_rate)
         if self.family == "swin":
             self.encoder: SwinEncoder | SimMIMViTEncoder = swin_from_spec(
@@ -122,7 +121,7 @@ class SimMIM(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> MIMOutput:
         batch = images.shape[0]
         if mask is None:
-            mask = unit_mask(batch, self.mask_generator, device=images.device)
+            mask = self.mask_generator.draw(batch, device=images.device)
         mask = self.check_mask(mask, batch).to(images.device, non_blocking=True)  # a host mask: no sync
         tokens = self.encoder.forward_tokens(images, mask)
         pred = self.decoder(self.encoder.to_map(tokens))

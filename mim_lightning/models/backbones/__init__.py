@@ -15,3 +15,8 @@ def require_family(backbone: Mapping[str, Any], allowed: tuple[str, ...], method
         names = ", ".join(f"{f}_*" for f in allowed)
         raise ConfigError("backbone", backbone.get("name", family), f"{names} backbones for {method}",
                           f"{method} does not support the '{family}' family")
+
+
+def check_heads(dim: int, heads: int, key: str) -> None:
+    if heads <= 0 or dim % heads or dim % 4:
+        raise ConfigError(key, heads, f"a head count dividing the width {dim} (width divisible by 4)")

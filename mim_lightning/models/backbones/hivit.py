@@ -54,7 +54,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import check_divisible, to_pair
+from mim_lightning.geometry import check_divisible, to_pair
 from mim_lightning.models.pos_embed import sincos_2d
 
 #: Sub-tokens per side of a mask unit (two 2x in-unit merges: 4 -> 2 -> 1).

@@ -44,7 +44,7 @@ from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import check_divisible, to_pair
+from mim_lightning.geometry import check_divisible, to_pair
 from mim_lightning.models.backbones.vit import init_linear_and_norm
 from mim_lightning.models.backbones.window_attention import window_attention
 from mim_lightning.models.pos_embed import sincos_2d

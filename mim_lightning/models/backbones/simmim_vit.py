@@ -35,7 +35,7 @@ from timm.models.beit import Block, RelativePositionBias
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import check_divisible
+from mim_lightning.geometry import check_divisible
 from mim_lightning.models.backbones.vit import vit_spec_kwargs
 
 

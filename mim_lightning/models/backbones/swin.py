@@ -41,7 +41,7 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, Win
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import check_divisible, to_pair
+from mim_lightning.geometry import check_divisible, to_pair
 from mim_lightning.models.backbones.window_attention import window_attention
 
 #: The image size of SimMIM's Swin pretraining configs; ``backbone.simmim_window_size`` is the window there.

@@ -16,7 +16,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mim_lightning.masking import check_divisible, to_pair
+from mim_lightning.geometry import check_divisible, to_pair
 from mim_lightning.models.pos_embed import sincos_2d
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import check_divisible
+from mim_lightning.geometry import check_divisible
 from mim_lightning.models.classifiers.base import Classifier, ClassifierBuilder, init_head, probe_head
 from mim_lightning.models.classifiers.vit import vit_layer_id
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mim_lightning.masking import check_divisible
+from mim_lightning.geometry import check_divisible
 from mim_lightning.models.classifiers.base import Classifier, ClassifierBuilder, init_head, probe_head
 
 POOLS = ("avg", "token")
