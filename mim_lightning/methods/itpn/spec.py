@@ -10,10 +10,9 @@ import torch
 
 from mim_lightning.checkpoints.official import DERIVED_BUFFERS, require_key, route_keys
 from mim_lightning.methods.itpn.model import ITPNPixel
+from mim_lightning.models.pyramid import ITPN_ENCODER_PREFIXES, ITPN_PYRAMID_PREFIXES
 from mim_lightning.methods.spec import MethodSpec, register
 
-ITPN_ENCODER_PREFIXES = ("patch_embed.", "absolute_pos_embed", "blocks.")
-ITPN_PYRAMID_PREFIXES = ("align_dim_", "split_", "block_16to8.", "block_8to4.", "fpn_modules.")
 ITPN_DECODER_PREFIXES = ("mask_token", "decoder_")
 
 

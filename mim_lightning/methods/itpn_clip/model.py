@@ -70,7 +70,7 @@ from mim_lightning.errors import ConfigError
 from mim_lightning.masking import BlockMask, MaskGenerator, check_model_grid
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
-from mim_lightning.methods.itpn.model import FeaturePyramid, check_pyramid_width, flat_unit_mask, pyramid_embed
+from mim_lightning.models.pyramid import FeaturePyramid, check_pyramid_width, flat_unit_mask, pyramid_embed
 from mim_lightning.models.output import MIMOutput
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

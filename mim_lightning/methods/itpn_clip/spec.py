@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from mim_lightning.checkpoints.official import DERIVED_BUFFERS, require_key, route_keys
-from mim_lightning.methods.itpn.spec import ITPN_ENCODER_PREFIXES, ITPN_PYRAMID_PREFIXES
 from mim_lightning.methods.itpn_clip.model import ITPNClip
 from mim_lightning.methods.spec import MethodSpec, register
+from mim_lightning.models.pyramid import ITPN_ENCODER_PREFIXES, ITPN_PYRAMID_PREFIXES
 
 #: iTPN-CLIP's heads (``iTPN:itpn_clip/modeling_pretrain.py iTPNClipDistill``), top-level in ``ITPNClip`` too.
 ITPN_CLIP_HEAD_PREFIXES = ("mask_token", "decoder_embed.", "norm.", "norm_cls.", "lm_head.", "lm_cls_head.",
