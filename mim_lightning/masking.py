@@ -17,7 +17,7 @@ transform and the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -290,6 +290,15 @@ def mix_mask(grid: tuple[int, int], ratio: float, ratio_range: float = 0.0, devi
         count = torch.floor(length * (ratio + offset))
         return (rank < count).reshape(1, *grid)
     return (rank < int(length * ratio)).reshape(1, *grid)
+
+
+def model_mask_generator(given: MaskGenerator | None, default: Callable[[], MaskGenerator],
+                         input_size: int | Sequence[int], patch_size: int, grid_name: str) -> MaskGenerator:
+    """A model's mask generator: ``given`` (the run's, shared with the data transform) or ``default()`` (the
+    model's own rule, for a model built by hand), checked against the model's grid (:func:`check_model_grid`)."""
+    generator = default() if given is None else given
+    check_model_grid(generator, input_size, patch_size, grid_name)
+    return generator
 
 
 def check_model_grid(generator: MaskGenerator, input_size: int | Sequence[int], patch_size: int, grid_name: str) -> None:

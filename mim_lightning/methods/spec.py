@@ -48,6 +48,22 @@ class MethodSpec:
         return f"{self.model.__module__}.{self.model.__qualname__}"
 
 
+def builder_export(builder: str, encoder_config: Callable[[Mapping[str, Any]], dict[str, Any]]
+                   ) -> Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[StateDict, dict[str, str]]]:
+    """A ``MethodSpec.export`` in the project's own format (encoders timm has no model for): the encoder's state
+    dict, rebuilt by the function at import path ``builder`` from the backbone, the image size and the run's
+    ``encoder_config`` (``mim_lightning.export.load_exported``)."""
+
+    def export(encoder: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[StateDict, dict[str, str]]:
+        from mim_lightning.checkpoints.timm_keys import own_export
+
+        model = (config.get("method") or {}).get("model") or {}
+        return own_export(encoder, builder, config["backbone"], config["data"]["image_size"], encoder_config(model),
+                          str(model.get("_target_", "")))
+
+    return export
+
+
 _SPECS: dict[str, MethodSpec] = {}
 
 

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from mim_lightning.losses import masked_mse, normalize_patches, patchify
-from mim_lightning.masking import MaskGenerator, RandomMask, check_model_grid
+from mim_lightning.masking import MaskGenerator, RandomMask, model_mask_generator
 from mim_lightning.models.backbones import check_heads, require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
 from mim_lightning.models.output import MIMOutput, PatchPixels
@@ -145,10 +145,9 @@ class ITPNPixel(nn.Module):
                                               official_pos_resample=official_pos_resample)
         self.patch_size = self.encoder.patch_size
         self.grid = self.encoder.grid
-        if mask_generator is None:
-            mask_generator = RandomMask(self.encoder.img_size, self.patch_size, mask_ratio)
-        check_model_grid(mask_generator, self.encoder.img_size, self.patch_size, "backbone.patch_size (iTPN's unit grid)")
-        self.mask_generator = mask_generator
+        self.mask_generator = model_mask_generator(
+            mask_generator, lambda: RandomMask(self.encoder.img_size, self.patch_size, mask_ratio),
+            self.encoder.img_size, self.patch_size, "backbone.patch_size (iTPN's unit grid)")
         mlp_ratio = float(backbone.get("mlp_ratio", 4.0))
         self.pyramid = FeaturePyramid(self.encoder.embed_dim, fpn_dim, fpn_depth, mlp_ratio)
         self.decoder = PyramidDecoder(fpn_dim, self.grid, self.patch_size, decoder_dim, decoder_depth, decoder_heads,

@@ -11,10 +11,9 @@ import torch
 from mim_lightning.checkpoints.official import DERIVED_BUFFERS, require_key, route_keys
 from mim_lightning.methods.itpn.model import ITPNPixel
 from mim_lightning.models.pyramid import ITPN_ENCODER_PREFIXES, ITPN_PYRAMID_PREFIXES
-from mim_lightning.methods.spec import MethodSpec, register
+from mim_lightning.methods.spec import MethodSpec, builder_export, register
 
 ITPN_DECODER_PREFIXES = ("mask_token", "decoder_")
-
 
 def convert_itpn(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``iTPN:itpn_pixel/models/models_itpn_mim.py`` keys -> ``ITPNPixel`` keys: HiViT (``patch_embed``,
@@ -27,20 +26,11 @@ def convert_itpn(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     require_key(out, "encoder.absolute_pos_embed", "iTPN", "patch_embed, absolute_pos_embed, blocks.*")
     return out
 
-
-
 def encoder_config(model: Mapping[str, Any]) -> dict[str, Any]:
     return {"rpe": bool(model.get("rpe", False))}
 
-
-def export(encoder: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[dict, dict]:
-    """The HiViT encoder's own state dict, rebuilt by ``hivit_from_spec`` as pretrained."""
-    from mim_lightning.checkpoints.timm_keys import own_export
-
-    kwargs = encoder_config((config.get("method") or {}).get("model") or {})
-    return own_export(encoder, "mim_lightning.models.backbones.hivit.hivit_from_spec", config["backbone"],
-                      config["data"]["image_size"], kwargs, SPEC.target)
-
+#: The encoder's own state dict, rebuilt by ``hivit_from_spec`` as pretrained.
+export = builder_export("mim_lightning.models.backbones.hivit.hivit_from_spec", encoder_config)
 
 SPEC = register(MethodSpec(name="itpn", model=ITPNPixel, convert_official=convert_itpn, export=export,
                            encoder_config=encoder_config))

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import BlockMask, MaskGenerator, check_model_grid
+from mim_lightning.masking import BlockMask, MaskGenerator, model_mask_generator
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.hivit import HiViT, HiViTBlock, hivit_from_spec, init_trunc_normal
 from mim_lightning.models.pyramid import FeaturePyramid, check_pyramid_width, flat_unit_mask, pyramid_embed
@@ -278,10 +278,10 @@ class ITPNClip(nn.Module):
         check_pyramid_width(dim, "backbone.embed_dim")
         self.grid = self.encoder.grid
         self.patch_size = self.encoder.patch_size
-        if mask_generator is None:
-            mask_generator = BlockMask(self.encoder.img_size, self.patch_size, mask_ratio, min_block=int(mask_min_block))
-        check_model_grid(mask_generator, self.encoder.img_size, self.patch_size, "backbone.patch_size (iTPN's unit grid)")
-        self.mask_generator = mask_generator
+        self.mask_generator = model_mask_generator(
+            mask_generator,
+            lambda: BlockMask(self.encoder.img_size, self.patch_size, mask_ratio, min_block=int(mask_min_block)),
+            self.encoder.img_size, self.patch_size, "backbone.patch_size (iTPN's unit grid)")
         self.mask_laterals = bool(mask_laterals)
         self.loss_beta = float(loss_beta)
         if isinstance(aux_depth, bool) or not isinstance(aux_depth, int) or aux_depth < 0:

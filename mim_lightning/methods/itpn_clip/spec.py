@@ -10,13 +10,12 @@ import torch
 
 from mim_lightning.checkpoints.official import DERIVED_BUFFERS, require_key, route_keys
 from mim_lightning.methods.itpn_clip.model import ITPNClip
-from mim_lightning.methods.spec import MethodSpec, register
+from mim_lightning.methods.spec import MethodSpec, builder_export, register
 from mim_lightning.models.pyramid import ITPN_ENCODER_PREFIXES, ITPN_PYRAMID_PREFIXES
 
 #: iTPN-CLIP's heads (``iTPN:itpn_clip/modeling_pretrain.py iTPNClipDistill``), top-level in ``ITPNClip`` too.
 ITPN_CLIP_HEAD_PREFIXES = ("mask_token", "decoder_embed.", "norm.", "norm_cls.", "lm_head.", "lm_cls_head.",
                            "cls_pt_layers.")
-
 
 def convert_itpn_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``iTPNClipDistill`` keys -> ``ITPNClip`` keys: HiViT (``patch_embed``, ``absolute_pos_embed``, ``blocks``,
@@ -31,23 +30,14 @@ def convert_itpn_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         require_key(out, key, "iTPN-CLIP", "patch_embed, blocks.*, lm_head, cls_pt_layers.*")
     return out
 
-
-
 def encoder_config(model: Mapping[str, Any]) -> dict[str, Any]:
     config: dict[str, Any] = {"rpe": bool(model.get("rpe", True))}
     if model.get("layer_scale_init", 0.1) is not None:
         config["layer_scale_init"] = float(model.get("layer_scale_init", 0.1))
     return config
 
-
-def export(encoder: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[dict, dict]:
-    """The HiViT encoder's own state dict, rebuilt by ``hivit_from_spec`` with layer scale and the tables."""
-    from mim_lightning.checkpoints.timm_keys import own_export
-
-    kwargs = encoder_config((config.get("method") or {}).get("model") or {})
-    return own_export(encoder, "mim_lightning.models.backbones.hivit.hivit_from_spec", config["backbone"],
-                      config["data"]["image_size"], kwargs, SPEC.target)
-
+#: The encoder's own state dict, rebuilt by ``hivit_from_spec`` as pretrained.
+export = builder_export("mim_lightning.models.backbones.hivit.hivit_from_spec", encoder_config)
 
 SPEC = register(MethodSpec(name="itpn_clip", model=ITPNClip, convert_official=convert_itpn_clip, export=export,
                            encoder_config=encoder_config))

@@ -26,7 +26,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mim_lightning.losses import masked_mse, normalize_patches, patchify
-from mim_lightning.masking import MaskGenerator, RandomMask, check_model_grid
+from mim_lightning.masking import MaskGenerator, RandomMask, model_mask_generator
 from mim_lightning.models.backbones import check_heads, require_family
 from mim_lightning.models.backbones.vit import ViTEncoder, init_linear_and_norm, vit_from_spec
 from mim_lightning.models.output import MIMOutput, PatchPixels
@@ -101,10 +101,9 @@ class MaskedAutoencoder(nn.Module):
         self.encoder: ViTEncoder = vit_from_spec(dict(backbone), img_size, in_chans=in_chans)
         self.patch_size = self.encoder.patch_size
         self.grid = self.encoder.grid
-        if mask_generator is None:
-            mask_generator = RandomMask(self.encoder.img_size, self.patch_size, mask_ratio)
-        check_model_grid(mask_generator, self.encoder.img_size, self.patch_size, "backbone.patch_size (MAE's patch grid)")
-        self.mask_generator = mask_generator
+        self.mask_generator = model_mask_generator(
+            mask_generator, lambda: RandomMask(self.encoder.img_size, self.patch_size, mask_ratio),
+            self.encoder.img_size, self.patch_size, "backbone.patch_size (MAE's patch grid)")
         self.decoder = MAEDecoder(self.encoder.embed_dim, self.grid, self.patch_size, decoder_dim, decoder_depth,
                                   decoder_heads, float(backbone.get("mlp_ratio", 4.0)), in_chans)
 

@@ -16,20 +16,6 @@ MAE_DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "de
                         "decoder_pred.")
 MAE_ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
-
-def unwrap_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
-    """The tensor dict inside an official checkpoint file: ``ckpt['model']`` (MAE, SimMIM, MixMIM, iTPN),
-    ``ckpt['state_dict']`` or the mapping itself; a ``module.`` (DDP) prefix is removed."""
-    for key in ("model", "state_dict", "module"):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    state = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
 def convert_mae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``mae:models_mae.py`` keys -> ``MaskedAutoencoder`` keys: the encoder keys (timm names, identical in
     the project's :class:`~mim_lightning.models.backbones.vit.ViTEncoder`) go under ``encoder.``, the
@@ -49,14 +35,11 @@ def convert_mae(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                           "the state dict has no ViT encoder keys; is it a checkpoint of another method?")
     return out
 
-
-
 def export(encoder: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[dict, dict]:
     """The ViT encoder as timm ``VisionTransformer`` (cls + patch tokens after the final norm)."""
     from mim_lightning.checkpoints.timm_keys import timm_export, vit_timm_spec
 
     name, kwargs = vit_timm_spec(config["backbone"], config["data"]["image_size"])
     return timm_export(encoder, name, kwargs, "vit", SPEC.target)
-
 
 SPEC = register(MethodSpec(name="mae", model=MaskedAutoencoder, convert_official=convert_mae, export=export))

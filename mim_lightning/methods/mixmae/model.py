@@ -35,7 +35,7 @@ from torch import nn
 
 from mim_lightning.errors import ConfigError
 from mim_lightning.losses import normalize_patches, patchify
-from mim_lightning.masking import MaskGenerator, MixMask, check_model_grid
+from mim_lightning.masking import MaskGenerator, MixMask, model_mask_generator
 from mim_lightning.models.backbones import check_heads, require_family
 from mim_lightning.models.backbones.mixmim import DEFAULT_WINDOWS, MixMIMEncoder, mixmim_from_spec
 from mim_lightning.models.backbones.vit import init_linear_and_norm
@@ -145,11 +145,10 @@ class MixMAE(nn.Module):
         if length < 2:
             raise ConfigError("data.image_size", self.encoder.img_size[0],
                               f"at least two {self.stride}px mask units (e.g. {2 * self.stride})")
-        if mask_generator is None:  # checks the ratio and range against the units (one-line errors)
-            mask_generator = MixMask(self.encoder.img_size, self.stride, mask_ratio, ratio_range=mask_ratio_range)
-        check_model_grid(mask_generator, self.encoder.img_size, self.stride,
-                         "the encoder's total stride (backbone.stride): MixMAE mixes on its output grid")
-        self.mask_generator = mask_generator
+        self.mask_generator = model_mask_generator(
+            mask_generator, lambda: MixMask(self.encoder.img_size, self.stride, mask_ratio, ratio_range=mask_ratio_range),
+            self.encoder.img_size, self.stride,
+            "the encoder's total stride (backbone.stride): MixMAE mixes on its output grid")
         self.decoder = MixMAEDecoder(self.encoder.num_features, self.grid, self.stride, decoder_dim, decoder_depth,
                                      decoder_heads, float(backbone.get("mlp_ratio", 4.0)), in_chans)
 

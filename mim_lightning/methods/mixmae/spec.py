@@ -10,12 +10,11 @@ import torch
 
 from mim_lightning.checkpoints.official import require_key, route_keys
 from mim_lightning.methods.mixmae.model import MixMAE
-from mim_lightning.methods.spec import MethodSpec, register
+from mim_lightning.methods.spec import MethodSpec, builder_export, register
 
 MIXMIM_ENCODER_PREFIXES = ("patch_embed.", "absolute_pos_embed", "layers.", "norm.")
 MIXMIM_DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.",
                            "decoder_pred.")
-
 
 def convert_mixmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``MixMIM:models_mixmim.py`` keys -> ``MixMAE`` keys: the encoder's (``patch_embed``, ``absolute_pos_embed``,
@@ -26,22 +25,13 @@ def convert_mixmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     require_key(out, "encoder.absolute_pos_embed", "MixMIM", "patch_embed, absolute_pos_embed, layers.*")
     return out
 
-
-
 def encoder_config(model: Mapping[str, Any]) -> dict[str, Any]:
     from mim_lightning.models.backbones.mixmim import DEFAULT_WINDOWS
 
     return {"window_size": list(model.get("window_size") or DEFAULT_WINDOWS)}
 
-
-def export(encoder: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[dict, dict]:
-    """The MixMIM encoder's own state dict, rebuilt by ``mixmim_from_spec`` with the pretraining windows."""
-    from mim_lightning.checkpoints.timm_keys import own_export
-
-    kwargs = encoder_config((config.get("method") or {}).get("model") or {})
-    return own_export(encoder, "mim_lightning.models.backbones.mixmim.mixmim_from_spec", config["backbone"],
-                      config["data"]["image_size"], kwargs, SPEC.target)
-
+#: The encoder's own state dict, rebuilt by ``mixmim_from_spec`` as pretrained.
+export = builder_export("mim_lightning.models.backbones.mixmim.mixmim_from_spec", encoder_config)
 
 SPEC = register(MethodSpec(name="mixmae", model=MixMAE, convert_official=convert_mixmim, export=export,
                            encoder_config=encoder_config, aliases=("mixmim",)))

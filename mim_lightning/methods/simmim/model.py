@@ -35,7 +35,7 @@ from torch import nn
 from mim_lightning.errors import ConfigError
 from mim_lightning.geometry import to_pair
 from mim_lightning.losses import masked_pixel_l1
-from mim_lightning.masking import MaskGenerator, SimMIMMask, check_model_grid
+from mim_lightning.masking import MaskGenerator, SimMIMMask, model_mask_generator
 from mim_lightning.models.backbones import require_family
 from mim_lightning.models.backbones.simmim_vit import SimMIMViTEncoder, simmim_vit_from_spec
 from mim_lightning.models.backbones.swin import SwinEncoder, swin_from_spec
@@ -79,10 +79,9 @@ class SimMIM(nn.Module):
         img_size = to_pair(img_size)
         patch_size = int(backbone["patch_size"])
         # Checks mask.unit against the patch and data.image_size against the unit (one-line errors).
-        if mask_generator is None:
-            mask_generator = SimMIMMask(img_size, patch_size, mask_ratio, mask_unit)
-        check_model_grid(mask_generator, img_size, patch_size, "backbone.patch_size (SimMIM's model-patch grid)")
-        self.mask_generator = mask_generator
+        self.mask_generator = model_mask_generator(
+            mask_generator, lambda: SimMIMMask(img_size, patch_size, mask_ratio, mask_unit),
+            img_size, patch_size, "backbone.patch_size (SimMIM's model-patch grid)")
         rate = DROP_PATH_RATE[self.family] if drop_path_rate is None else float(drop_path_rate)
         if self.family == "swin":
             self.encoder: SwinEncoder | SimMIMViTEncoder = swin_from_spec(

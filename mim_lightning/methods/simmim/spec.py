@@ -17,7 +17,6 @@ from mim_lightning.methods.spec import MethodSpec, register
 SIMMIM_VIT_KEYS = ("encoder.cls_token", "encoder.blocks.", "encoder.rel_pos_bias.")
 SIMMIM_SWIN_KEYS = ("encoder.layers.",)
 
-
 def simmim_layout(state: Mapping[str, torch.Tensor]) -> str:
     """``'vit'`` (``VisionTransformerForSimMIM``: cls token, blocks, shared relative position bias) or ``'swin'``
     (``SwinTransformerForSimMIM``: ``layers``) for an official SimMIM pretraining state dict, told by its keys."""
@@ -29,7 +28,6 @@ def simmim_layout(state: Mapping[str, torch.Tensor]) -> str:
                           "found " + ("both layouts" if vit else "neither layout")
                           + "; is it a checkpoint of another method?")
     return "vit" if vit else "swin"
-
 
 def convert_simmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``SimMIM:models/simmim.py`` keys (``encoder.*`` and the 1x1-conv ``decoder.0.*``) are the project's
@@ -64,8 +62,6 @@ def convert_simmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         require_key(out, "encoder.patch_embed.proj.weight", "SimMIM", "Swin encoder.patch_embed.*, encoder.layers.*")
     return out
 
-
-
 def export(encoder: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tuple[dict, dict]:
     """ViT: timm ``Beit`` with the one shared relative position table (``global_pool='token'`` keeps the final
     norm); ``mask_token`` dropped. Swin: timm ``SwinTransformer`` keys (merging one stage up) at the run's window."""
@@ -83,10 +79,8 @@ def export(encoder: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tu
     name, kwargs = swin_timm_spec(backbone, image_size, window)
     return timm_export(swin_to_timm(encoder), name, kwargs, "swin", SPEC.target)
 
-
 def encoder_config(model: Mapping[str, Any]) -> dict[str, Any]:
     return {"window_size": model.get("window_size")}
-
 
 SPEC = register(MethodSpec(name="simmim", model=SimMIM, convert_official=convert_simmim, export=export,
                            encoder_config=encoder_config))

@@ -3,7 +3,6 @@ encoder without mixing, mean over the final-norm tokens, head; layer ids as ``Mi
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from mim_lightning.models.classifiers.base import Classifier, ClassifierBuilder, init_head, probe_head
+from mim_lightning.models.classifiers.swin import stage_place
 
 
 class MixMIMClassifier(nn.Module):
@@ -39,13 +39,11 @@ def mixmim_layer_id(name: str, depths: Sequence[int]) -> int:
     name = name[len("encoder."):] if name.startswith("encoder.") else name
     if name.startswith(("patch_embed", "absolute_pos_embed")):
         return 0
-    match = re.match(r"layers\.(\d+)\.(blocks\.(\d+)|downsample)\.", name)
-    if match:
-        stage = int(match.group(1))
-        if match.group(3) is not None:
-            return sum(depths[:stage]) + int(match.group(3)) + 1
-        return sum(depths[: stage + 1]) + 1
-    return sum(depths)
+    place = stage_place(name)
+    if place is None:
+        return sum(depths)
+    stage, block = place
+    return sum(depths[:stage]) + block + 1 if block is not None else sum(depths[: stage + 1]) + 1
 
 
 class MixMIMBuilder(ClassifierBuilder):

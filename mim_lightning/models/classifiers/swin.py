@@ -34,6 +34,15 @@ def swin_classifier(backbone: Mapping[str, Any], img_size: int | Sequence[int], 
                            global_pool="avg", drop_path_rate=float(drop_path))
 
 
+def stage_place(name: str) -> tuple[int, int | None] | None:
+    """``(stage, block)`` of a ``layers.{stage}.blocks.{block}.*`` parameter, ``(stage, None)`` of a
+    ``layers.{stage}.downsample.*`` one, None for the rest (stem, final norm, head)."""
+    match = re.match(r"layers\.(\d+)\.(blocks\.(\d+)|downsample)\.", name)
+    if match is None:
+        return None
+    return int(match.group(1)), None if match.group(3) is None else int(match.group(3))
+
+
 def swin_layer_id(name: str, depths: Sequence[int]) -> int:
     """SimMIM's ``get_swin_layer_id`` (``SimMIM:optimizer.py``) on timm's names: ``patch_embed``,
     ``absolute_pos_embed`` and ``mask_token`` are 0, ``layers.i.blocks.j`` is ``sum(depths[:i]) + j + 1``, the
@@ -41,13 +50,11 @@ def swin_layer_id(name: str, depths: Sequence[int]) -> int:
     the rest (final norm, head) ``sum(depths) + 1`` (scale 1, as SimMIM's ``num_layers - 1``)."""
     if name.startswith(("patch_embed", "absolute_pos_embed", "mask_token")):
         return 0
-    match = re.match(r"layers\.(\d+)\.(blocks\.(\d+)|downsample)\.", name)
-    if match:
-        stage = int(match.group(1))
-        if match.group(3) is not None:
-            return sum(depths[:stage]) + int(match.group(3)) + 1
-        return sum(depths[:stage])
-    return sum(depths) + 1
+    place = stage_place(name)
+    if place is None:
+        return sum(depths) + 1
+    stage, block = place
+    return sum(depths[:stage]) + block + 1 if block is not None else sum(depths[:stage])
 
 
 class SwinBuilder(ClassifierBuilder):
