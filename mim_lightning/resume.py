@@ -109,12 +109,35 @@ def stored_config(run_dir: str | Path, checkpoint: str | Path | None = None) -> 
     if path is not None and Path(path).exists():
         config = checkpoint_config(path)
         if config:
-            return config
+            return upgrade_targets(config)
     file = run_dir / "config.yaml"
     if file.is_file():
         loaded = OmegaConf.to_container(OmegaConf.load(file), resolve=False)
-        return loaded if isinstance(loaded, dict) else None
+        return upgrade_targets(loaded) if isinstance(loaded, dict) else None
     return None
+
+
+#: Class paths of earlier versions that stored configs may name (the LightningModules moved to ``modules/``).
+MOVED_TARGETS = {"mim_lightning.methods.PretrainModule": "mim_lightning.modules.PretrainModule"}
+
+
+def upgrade_targets(config: dict) -> dict:
+    """A stored config with the class paths of earlier versions replaced by today's: the pretraining module and
+    the method's model (a method spec lists its model's old paths as ``aliases``)."""
+    method = config.get("method")
+    if not isinstance(method, dict):
+        return config
+    method["_target_"] = MOVED_TARGETS.get(method.get("_target_"), method.get("_target_"))
+    model = method.get("model")
+    if isinstance(model, dict) and model.get("_target_"):
+        from mim_lightning.errors import ConfigError
+        from mim_lightning.methods import spec_for_target
+
+        try:
+            model["_target_"] = spec_for_target(str(model["_target_"])).target
+        except ConfigError:
+            pass  # a model no method declares: instantiated as stored
+    return config
 
 
 def checkpoint_config(path: str | Path) -> dict | None:

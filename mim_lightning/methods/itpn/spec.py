@@ -33,4 +33,6 @@ def encoder_config(model: Mapping[str, Any]) -> dict[str, Any]:
 export = builder_export("mim_lightning.models.backbones.hivit.hivit_from_spec", encoder_config)
 
 SPEC = register(MethodSpec(name="itpn", model=ITPNPixel, convert_official=convert_itpn, export=export,
-                           encoder_config=encoder_config))
+                           encoder_config=encoder_config,
+                           # the model's class path before the method packages (stored in older checkpoints)
+                           aliases=("mim_lightning.models.itpn.ITPNPixel",)))

@@ -42,4 +42,5 @@ def export(encoder: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> tu
     name, kwargs = vit_timm_spec(config["backbone"], config["data"]["image_size"])
     return timm_export(encoder, name, kwargs, "vit", SPEC.target)
 
-SPEC = register(MethodSpec(name="mae", model=MaskedAutoencoder, convert_official=convert_mae, export=export))
+SPEC = register(MethodSpec(name="mae", model=MaskedAutoencoder, convert_official=convert_mae, export=export,
+                           aliases=("mim_lightning.models.mae.MaskedAutoencoder",)))

@@ -34,4 +34,6 @@ def encoder_config(model: Mapping[str, Any]) -> dict[str, Any]:
 export = builder_export("mim_lightning.models.backbones.mixmim.mixmim_from_spec", encoder_config)
 
 SPEC = register(MethodSpec(name="mixmae", model=MixMAE, convert_official=convert_mixmim, export=export,
-                           encoder_config=encoder_config, aliases=("mixmim",)))
+                           encoder_config=encoder_config,
+                           # the model's class path before the method packages (stored in older checkpoints)
+                           aliases=("mixmim", "mim_lightning.models.mixmae.MixMAE")))

@@ -83,4 +83,6 @@ def encoder_config(model: Mapping[str, Any]) -> dict[str, Any]:
     return {"window_size": model.get("window_size")}
 
 SPEC = register(MethodSpec(name="simmim", model=SimMIM, convert_official=convert_simmim, export=export,
-                           encoder_config=encoder_config))
+                           encoder_config=encoder_config,
+                           # the model's class path before the method packages (stored in older checkpoints)
+                           aliases=("mim_lightning.models.simmim.SimMIM",)))
