@@ -22,11 +22,13 @@ Adding a source: subclass :class:`Source` (``samples``, ``open``, ``describe``; 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from mim_lightning import runlog
 from mim_lightning.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm")
@@ -92,12 +94,100 @@ def _check_root(root: str | os.PathLike | None, key: str) -> Path:
     return path
 
 
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (``stat.S_IFMT`` of ``mode``)."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+class NotARegularFile(OSError):
+    """A sample path that is a FIFO, socket, device or folder: never opened (a FIFO would block forever)."""
+
+
+def check_regular(path: str) -> None:
+    """Raise :class:`NotARegularFile` unless ``path`` (symlinks resolved) is a regular file."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(f"{path} is {file_kind(mode)}, not an image file")
+
+
+def _example(paths: list[str], limit: int = 3) -> str:
+    return ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
 def find_images(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
-    """All image files under ``root`` (recursive, symlinked folders followed), sorted for determinism."""
-    found = []
-    for folder, _dirs, files in os.walk(root, followlinks=True):
-        found.extend(os.path.join(folder, name) for name in files
-                     if name.lower().endswith(extensions) and not name.startswith("."))
+    """All image files under ``root``, recursively, sorted for determinism.
+
+    Symlinked folders are followed, but every folder is listed once, by its ``(st_dev, st_ino)``: a symlink
+    loop or a link back to a parent adds nothing (``os.walk(followlinks=True)`` would list the files once per
+    way round the loop, or forever with two such links), and a folder linked twice is read once (so the
+    held-out split cannot hold copies of training files). Only regular files are listed (symlinks resolved):
+    a FIFO, socket or device named like an image is left out, as is a dangling symlink. Skipped folders and
+    files are reported in one warning line each; plain symlinked folders are not.
+    """
+    root = Path(root)
+    found: list[str] = []
+    loops: list[str] = []
+    repeated: list[str] = []
+    irregular: list[str] = []
+    unlisted: list[str] = []
+    top = os.stat(root)
+    seen = {(top.st_dev, top.st_ino)}
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError:
+            unlisted.append(folder)
+            continue
+        folders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError:
+                is_dir = False
+            if is_dir:
+                try:
+                    info = entry.stat()
+                except OSError:
+                    unlisted.append(entry.path)
+                    continue
+                key = (info.st_dev, info.st_ino)
+                if key in seen:
+                    target, here = os.path.realpath(entry.path), os.path.realpath(folder)
+                    is_loop = here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+                    (loops if is_loop else repeated).append(f"{entry.path} -> {target}")
+                    continue
+                seen.add(key)
+                folders.append(entry.path)
+                continue
+            name = entry.name
+            if name.startswith(".") or not name.lower().endswith(extensions):
+                continue
+            try:
+                regular = entry.is_file()  # S_ISREG of the target (no system call for plain files)
+                if not regular:
+                    irregular.append(f"{entry.path} ({file_kind(entry.stat().st_mode)})")
+            except OSError:
+                regular = False
+                irregular.append(f"{entry.path} (a dangling symlink)")
+            if regular:
+                found.append(entry.path)
+        stack.extend(reversed(folders))  # depth first, in name order
+    if loops:
+        runlog.warning(f"{root}: {len(loops)} symlink loop(s) not followed (each folder is listed once): {_example(loops)}")
+    if repeated:
+        runlog.warning(f"{root}: {len(repeated)} folder(s) reached twice through symlinks, listed once: {_example(repeated)}")
+    if irregular:
+        runlog.warning(f"{root}: {len(irregular)} file(s) named like images are not regular files, left out: "
+                       f"{_example(irregular)}")
+    if unlisted:
+        runlog.warning(f"{root}: {len(unlisted)} folder(s) could not be listed, left out: {_example(unlisted)}")
     return sorted(found)
 
 
@@ -119,6 +209,7 @@ class ImageFolderSource(Source):
         return [Sample(p) for p in paths]
 
     def open(self, sample: Sample) -> Image.Image:
+        check_regular(sample.path)  # a file replaced by a FIFO since listing must not block the loader
         return Image.open(sample.path)
 
     def describe(self) -> str:

@@ -1,0 +1,131 @@
+"""Faults in the data itself (issue #20): symlink loops, FIFOs, long runs of unreadable files, missing, truncated,
+garbage and miscounted shards. Each must end in the right listing, a finished run, or one line naming the key;
+never a hang (every risky part runs under a SIGALRM deadline or in a subprocess with a timeout)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from mim_lightning import compose, pretrain
+from mim_lightning.data import ImageFolderSource, PretrainDataModule, ShardSource
+from mim_lightning.data.datasets import ImageDataset, NoReadableImagesError
+from mim_lightning.data.shards import INDEX, resolve_shards, write_shards
+from mim_lightning.data.sources import NotARegularFile, Sample, find_images
+from mim_lightning.errors import ConfigError
+from mim_lightning.masking import RandomMask
+
+from conftest import REPO, tiny_overrides, write_images
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (instead of hanging the suite) when the block runs longer than ``seconds``."""
+    def expired(_signum, _frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def make_dm(source, **kwargs) -> PretrainDataModule:
+    options = dict(image_size=32, batch_size=2, num_workers=0, val_fraction=0.0, seed=0,
+                   mask_generator=RandomMask(32, 8, 0.75))
+    options.update(kwargs)
+    dm = PretrainDataModule(source, **options)
+    dm.setup("fit")
+    return dm
+
+
+def epoch(dm: PretrainDataModule) -> list[int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sorted(i for batch in dm.train_dataloader() for i in batch["index"].tolist())
+
+
+def warning_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mim_lightning" and r.levelno >= logging.WARNING]
+
+
+# ------------------------------------------------------------------------------------------ folder walk
+
+
+def test_a_symlink_loop_lists_every_image_once(tmp_path, caplog):
+    root = tmp_path / "images"
+    write_images(root / "a", 6)
+    write_images(root / "b", 4, prefix="b")
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)
+    with deadline(20), caplog.at_level(logging.WARNING, logger="mim_lightning"):
+        paths = find_images(root)
+        dm = make_dm(ImageFolderSource(str(root)), val_fraction=0.2, val_min_images=2)
+    assert len(paths) == 10 and len({os.path.realpath(p) for p in paths}) == 10
+    train = {os.path.realpath(s.path) for s in dm.train_dataset.samples}
+    val = {os.path.realpath(s.path) for s in dm.val_dataset.samples}
+    assert len(train) + len(val) == 10 and not train & val  # no held-out copies of training images
+    assert any("symlink loop" in line and "loop" in line for line in warning_lines(caplog))
+
+
+def test_two_symlinks_back_to_parent_folders_do_not_explode(tmp_path, caplog):
+    root = tmp_path / "images"
+    deep = root / "a" / "b"
+    write_images(deep, 5)
+    write_images(root, 3, prefix="top")
+    (deep / "up1").symlink_to(root / "a", target_is_directory=True)
+    (deep / "up2").symlink_to(root, target_is_directory=True)
+    with deadline(20), caplog.at_level(logging.WARNING, logger="mim_lightning"):
+        paths = find_images(root)
+    assert len(paths) == 8 and len({os.path.realpath(p) for p in paths}) == 8
+    assert any("2 symlink loop(s)" in line for line in warning_lines(caplog))
+
+
+def test_plain_symlinked_subfolders_are_followed_without_a_word(tmp_path, caplog):
+    outside = tmp_path / "elsewhere"
+    write_images(outside, 4, prefix="x")
+    root = tmp_path / "images"
+    write_images(root / "real", 3)
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "one.png").symlink_to(root / "real" / "img_000.png")  # a symlinked file is a file
+    with deadline(20), caplog.at_level(logging.WARNING, logger="mim_lightning"):
+        paths = find_images(root)
+    assert len(paths) == 8 and sum("/linked/" in p for p in paths) == 4
+    assert warning_lines(caplog) == []
+
+
+def test_a_fifo_named_like_an_image_is_left_out_and_never_opened(tmp_path, caplog, one_thread):
+    root = tmp_path / "images"
+    write_images(root, 12)
+    os.mkfifo(root / "pipe.jpg")
+    (root / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    with deadline(20), caplog.at_level(logging.WARNING, logger="mim_lightning"):
+        paths = find_images(root)
+    assert len(paths) == 12 and not any(p.endswith(("pipe.jpg", "dangling.png")) for p in paths)
+    assert any("a FIFO" in line and "pipe.jpg" in line and "dangling" in line for line in warning_lines(caplog))
+    # A dataset handed the FIFO anyway (listed before it was made one) skips it rather than block on it.
+    source = ImageFolderSource(str(root))
+    with deadline(20):
+        with pytest.raises(NotARegularFile, match="a FIFO"):
+            source.open(Sample(str(root / "pipe.jpg")))
+        dm = make_dm(source)
+        dm.train_dataset = ImageDataset([Sample(str(root / "pipe.jpg"))] + dm.train_dataset.samples[:3],
+                                        dm.train_transform, source=source)
+        assert epoch(dm) == [0, 1, 2, 3] and dm.num_skipped() == 1
+    # and a whole run over the folder finishes
+    run_dir = tmp_path / "run"
+    with deadline(120):
+        trainer = pretrain(compose("pretrain", tiny_overrides(run_dir, "data=folder", f"data.root={root}",
+                                                              "data.val_fraction=0", "~callbacks.reconstructions")))
+    assert trainer.global_step == 6 and (run_dir / "checkpoints" / "last.ckpt").is_file()
