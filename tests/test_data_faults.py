@@ -129,3 +129,61 @@ def test_a_fifo_named_like_an_image_is_left_out_and_never_opened(tmp_path, caplo
         trainer = pretrain(compose("pretrain", tiny_overrides(run_dir, "data=folder", f"data.root={root}",
                                                               "data.val_fraction=0", "~callbacks.reconstructions")))
     assert trainer.global_step == 6 and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+# ------------------------------------------------------------------------------------------ unreadable runs
+
+
+def folder_with_a_bad_run(root: Path, good: int = 20, bad: int = 100, bad_first: bool = False) -> Path:
+    write_images(root, good, size=32, prefix="good")
+    for i in range(bad):  # "bad" sorts after "good"; "aaa" before
+        (root / f"{'aaa' if bad_first else 'zzz'}_{i:03d}.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+@pytest.mark.parametrize("bad_first", [False, True])
+def test_a_hundred_unreadable_files_in_a_row_are_read_through_and_counted(tmp_path, bad_first):
+    root = folder_with_a_bad_run(tmp_path / "images", bad_first=bad_first)
+    with deadline(60), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm = make_dm(ImageFolderSource(str(root)), batch_size=4)
+        indices = epoch(dm)
+    assert indices == list(range(120))  # every index gives an item (a readable stand-in)
+    assert dm.num_skipped() == 100 and dm.describe()["skipped"] == 100
+
+
+def test_a_run_over_a_hundred_unreadable_files_in_a_row_finishes(tmp_path, one_thread):
+    root = folder_with_a_bad_run(tmp_path / "images", good=8, bad=100)
+    run_dir = tmp_path / "run"
+    with deadline(150), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pretrain(compose("pretrain", tiny_overrides(
+            run_dir, "data=folder", f"data.root={root}", "data.val_fraction=0", "data.repeat=1",
+            "data.batch_size=16", "~callbacks.reconstructions", "trainer.max_epochs=1")))
+    assert trainer.global_step == 108 // 16 and trainer.datamodule.num_skipped() == 100
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_no_readable_file_at_all_is_one_line_naming_data_root(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    for i in range(150):
+        (root / f"x{i:03d}.png").write_bytes(b"")
+    with deadline(60), pytest.raises(ConfigError) as info:
+        make_dm(ImageFolderSource(str(root)))
+    text = str(info.value)
+    assert text.startswith("data.root=") and "all 150 files failed to decode" in text and "\n" not in text
+
+
+def test_files_that_all_turn_unreadable_mid_run_end_in_one_line_from_a_loader_worker(tmp_path):
+    root = tmp_path / "images"
+    write_images(root, 6, size=32)
+    dm = make_dm(ImageFolderSource(str(root)), num_workers=1, persistent_workers=False)
+    for path in root.iterdir():  # the disk goes bad after setup
+        path.write_bytes(b"")
+    with deadline(60), warnings.catch_warnings(), pytest.raises(NoReadableImagesError) as info:
+        warnings.simplefilter("ignore")
+        next(iter(dm.train_dataloader()))
+    text = str(info.value)
+    assert text.startswith("data.root=") and "no readable images: all 6 files failed to decode" in text
+    assert "\n" not in text and "Traceback" not in text

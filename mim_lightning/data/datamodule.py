@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from mim_lightning import runlog
-from mim_lightning.data.datasets import MAX_CONSECUTIVE_BAD, ImageDataset, no_readable_images
+from mim_lightning.data.datasets import ImageDataset, no_readable_images
 from mim_lightning.data.sampler import EpochIndexSampler, ResumableDataLoader, TrainPositionState
 from mim_lightning.data.sources import Sample, Source
 from mim_lightning.data.split import held_out_count, split_train_val
@@ -72,17 +72,14 @@ def source_text(source: Any, count: int | None = None) -> str:
     return f"{type(source).__name__} {getattr(source, 'root', '')}".strip()
 
 
-#: Files tried at setup before a source is declared unreadable (bounded: big folders are not decoded).
-PROBE_FILES = MAX_CONSECUTIVE_BAD
-
-
 def check_readable(train: ImageDataset, val: ImageDataset | None, key: str, value: Any) -> ImageDataset | None:
-    """The setup probe: a one-line :class:`~mim_lightning.errors.ConfigError` when none of the first
-    :data:`PROBE_FILES` training files decodes; the validation set is probed in full (it is small, and
-    normally its first file reads) and dropped with a warning when none of it decodes. Returns ``val``."""
+    """The setup probe: a one-line :class:`~mim_lightning.errors.ConfigError` when no training file decodes
+    (files are tried in order until one reads: normally the first, so big folders are not decoded; a long
+    run of unreadable files at the start is read through, not taken for unreadable data); the validation
+    set likewise, dropped with a warning when none of it decodes. Returns ``val``."""
     val_readable = None
-    if train.first_readable(PROBE_FILES) is None:
-        tried, total = min(len(train.samples), PROBE_FILES), len(train.samples)
+    if train.first_readable() is None:
+        tried, total = len(train.samples), len(train.samples)
         val_readable = val.first_readable(None) if val is not None else None
         if val_readable is None and val is not None:
             tried, total = tried + len(val.samples), total + len(val.samples)

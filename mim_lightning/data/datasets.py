@@ -14,10 +14,6 @@ from mim_lightning.data.sources import ImageFolderSource, Sample, Source
 from mim_lightning.data.transforms import MIMTransform, UnreadableImage, as_rgb
 from mim_lightning.errors import ConfigError
 
-#: How many following samples to try before giving up when files cannot be read.
-MAX_CONSECUTIVE_BAD = 64
-
-
 def load_rgb(path: str) -> Image.Image:
     """Open an image file as 8-bit RGB (see :func:`as_rgb`)."""
     with Image.open(path) as image:
@@ -41,7 +37,24 @@ def transformed_item(transform: MIMTransform, seed: int, epoch: int, index: int,
 
 
 class NoReadableImagesError(ConfigError):
-    """Every file a dataset could try failed to decode (a one-line error naming the data key)."""
+    """Every file a dataset could try failed to decode (a one-line error naming the data key).
+
+    Raised in a DataLoader worker, it reaches the main process as itself, still one line: torch rebuilds a
+    worker's exception as ``type(message=<worker traceback>)`` when the type has a ``message`` attribute,
+    and the original line is the traceback's last one (a plain ConfigError would become a RuntimeError
+    holding the whole traceback)."""
+
+    message = "rebuilt from a DataLoader worker's traceback"
+
+    def __init__(self, key: str = "data.root", value: object = None, allowed: str = "", problem: str | None = None,
+                 *, message: str | None = None) -> None:
+        if message is None:
+            super().__init__(key, value, allowed, problem)
+            return
+        last = next((line for line in reversed(str(message).splitlines()) if line.strip()), "")
+        text = last.split(f"{type(self).__name__}: ", 1)[-1].strip()
+        ValueError.__init__(self, text)
+        self.key, self.value, self.allowed, self.problem = text.split("=", 1)[0], None, "", text
 
 
 def no_readable_images(key: str, value: object, tried: int, total: int, which: str = "") -> NoReadableImagesError:
@@ -60,8 +73,9 @@ class ImageDataset(Dataset):
     times per epoch with different crops and masks (useful for tiny datasets).
 
     A file that cannot be read is replaced by the next readable one (in list order, wrapping; at most
-    ``replace_within`` files are tried, None: the whole list), flagged in :attr:`bad` (shared memory, so
-    every loader worker sees it and each file is warned about once) and counted in :meth:`num_bad`.
+    ``replace_within`` files are tried, None (the default): the whole list, so however many unreadable files
+    follow one another the run goes on), flagged in :attr:`bad` (shared memory, so every loader worker sees it,
+    each file is warned about once and tried once) and counted in :meth:`num_bad`.
     ``mark_replaced=True`` (validation) adds ``"valid": False`` to a replaced item (True otherwise), so
     metrics can leave the stand-in out. When every file has failed, :class:`NoReadableImagesError`.
 
@@ -70,7 +84,7 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], transform: MIMTransform, seed: int = 0, repeat: int = 1,
-                 replace_within: int | None = MAX_CONSECUTIVE_BAD, mark_replaced: bool = False,
+                 replace_within: int | None = None, mark_replaced: bool = False,
                  key: str = "data.root", value: object = None, source: Source | None = None) -> None:
         if not samples:
             raise ValueError("ImageDataset needs at least one sample")
@@ -124,9 +138,13 @@ class ImageDataset(Dataset):
         count = len(self.samples)
         window = count if self.replace_within is None else min(count, self.replace_within)
         lazy = bool(getattr(self.transform, "lazy", False))
+        bad = self.bad.numpy()  # a view of the shared flags (cheap to test, for long runs of flagged files)
+        start = index % count
         for offset in range(window):
-            position = (index % count + offset) % count
-            if self.bad[position]:
+            position = start + offset
+            if position >= count:
+                position -= count
+            if bad[position]:
                 continue
             try:
                 image, label = self.open_lazy(position) if lazy else self.read(position)
@@ -144,10 +162,12 @@ class ImageDataset(Dataset):
         raise RuntimeError(f"no readable image among {window} files starting at {self.describe_sample(index % count)}"
                            f"; {self.num_bad()} unreadable so far")
 
-    def first_readable(self, limit: int | None = MAX_CONSECUTIVE_BAD) -> int | None:
+    def first_readable(self, limit: int | None = None) -> int | None:
         """Decode samples in list order until one reads; its position, or None when the first ``limit``
-        (None: all) failed. A bounded probe for setup: the failures are flagged, and warned about only
-        when a readable sample follows (a source that cannot be read at all is one error, not N warnings)."""
+        (None: all) failed. The setup probe: normally the first file reads; it goes on as long as files fail
+        (a bounded probe would call data with a long unreadable run at its start unreadable). The failures
+        are flagged, and warned about only when a readable sample follows (a source that cannot be read at
+        all is one error, not N warnings)."""
         count = len(self.samples)
         failed: list[tuple[int, BaseException]] = []
         found = None
