@@ -187,3 +187,94 @@ def test_files_that_all_turn_unreadable_mid_run_end_in_one_line_from_a_loader_wo
     text = str(info.value)
     assert text.startswith("data.root=") and "no readable images: all 6 files failed to decode" in text
     assert "\n" not in text and "Traceback" not in text
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+
+@pytest.fixture
+def shard_folder(tmp_path) -> Path:
+    """16 images as 4 shards of 4, with the index make_shards writes."""
+    paths = write_images(tmp_path / "img", 16, size=32)
+    out = tmp_path / "shards"
+    write_shards([(str(p), -1) for p in paths], out, maxcount=4)
+    return out
+
+
+def edit_index(folder: Path, shard: int, **changes) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    index["shardlist"][shard].update(changes)
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+def shard_error(urls, **kwargs) -> str:
+    with deadline(30), pytest.raises(ConfigError) as info:
+        make_dm(ShardSource(urls=str(urls), **kwargs))
+    text = str(info.value)
+    assert text.startswith("data.source.urls=") and "\n" not in text
+    return text
+
+
+def test_a_shard_listed_in_the_index_but_missing_is_one_line(shard_folder):
+    os.remove(shard_folder / "shard-000002.tar")
+    for verify in (True, False):
+        text = shard_error(shard_folder, verify=verify)
+        assert "shard-000002.tar" in text and "shard not found" in text and INDEX in text
+
+
+@pytest.mark.parametrize("cut", [700, 10240])
+def test_a_truncated_shard_is_one_line_naming_it(shard_folder, cut):
+    shard = shard_folder / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:cut])
+    text = shard_error(shard_folder)
+    assert "shard-000001.tar" in text and "truncated" in text
+    os.remove(shard_folder / INDEX)  # no index (sizes unknown): the tar headers tell
+    text = shard_error(shard_folder)
+    assert "shard-000001.tar" in text and "truncated" in text
+
+
+def test_a_garbage_shard_is_one_line_naming_it(shard_folder):
+    shard = shard_folder / "shard-000003.tar"
+    shard.write_bytes(os.urandom(shard.stat().st_size))  # the size the index says: only the headers tell
+    text = shard_error(shard_folder)
+    assert "shard-000003.tar" in text and "not a readable tar shard" in text
+    os.remove(shard_folder / INDEX)
+    assert "shard-000003.tar" in shard_error(f"{shard_folder}/shard-{{000000..000003}}.tar")
+
+
+@pytest.mark.parametrize("count", [6, 2, "four"])
+def test_a_wrong_count_in_the_index_is_one_line_naming_the_shard(shard_folder, count):
+    edit_index(shard_folder, 1, nsamples=count)
+    text = shard_error(shard_folder)
+    assert "shard-000001.tar" in text
+    assert (f"shard has 4 samples, its index says {count}" in text) if isinstance(count, int) else "nsamples='four'" in text
+
+
+def test_without_verify_a_shard_that_holds_fewer_samples_than_its_index_is_skipped_and_counted(shard_folder):
+    edit_index(shard_folder, 1, nsamples=6)
+    with deadline(30):
+        dm = make_dm(ShardSource(urls=str(shard_folder), verify=False))
+        with pytest.warns(UserWarning, match="shard-000001.tar has 4 samples, its index says 6"):
+            indices = sorted(i for batch in dm.train_dataloader() for i in batch["index"].tolist())
+    assert indices == list(range(18)) and dm.num_skipped() == 2
+
+
+def test_intact_shards_still_read(shard_folder):
+    with deadline(30):
+        dm = make_dm(ShardSource(urls=str(shard_folder)))
+        assert epoch(dm) == list(range(16)) and dm.num_skipped() == 0
+    shards, _ = resolve_shards(str(shard_folder))
+    assert [s["nsamples"] for s in shards] == [4, 4, 4, 4]
+
+
+def test_a_missing_shard_through_the_cli_is_exit_2_and_one_line(tmp_path, shard_folder):
+    os.remove(shard_folder / "shard-000000.tar")
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "mim_lightning.train", "experiment=null", "data=webdataset",
+                             f"data.source.urls={shard_folder}", "trainer=cpu", "backbone=vit_test",
+                             "data.image_size=32", "data.num_workers=0", f"run_dir={tmp_path / 'run'}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mim_lightning: error: data.source.urls="), result.stderr[-2000:]
+    assert "shard-000000.tar" in lines[0] and "shard not found" in lines[0]

@@ -26,6 +26,7 @@ import contextlib
 import io
 import json
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mim_lightning.data.sources import Sample, Source
+from mim_lightning.data.sources import Sample, Source, file_kind
 from mim_lightning.errors import ConfigError
 
 INDEX = "shardindex.json"
@@ -64,10 +65,13 @@ def read_index(url: str) -> dict:
                           f"{type(exc).__name__}: {exc}") from None
 
 
-def resolve_shards(urls: str | Sequence[str] | None) -> tuple[list[dict], list[str]]:
-    """``([{"url", "nsamples", "labels"?}, ...], classes)`` for ``data.source.urls`` (see the module docstring)."""
+def resolve_shards(urls: str | Sequence[str] | None, verify: bool = True) -> tuple[list[dict], list[str]]:
+    """``([{"url", "nsamples", "labels"?}, ...], classes)`` for ``data.source.urls`` (see the module docstring).
+
+    Every local shard is checked (:func:`check_shard`): a missing, truncated or garbage shard, or one whose
+    sample count is not its index's, is a one-line error naming it. ``verify=False`` keeps only the cheap
+    checks (the file exists and has the index's size) for shards that have an index entry."""
     from braceexpand import braceexpand
-    from wids.wids import compute_num_samples
 
     if urls is None or (isinstance(urls, str) and urls.strip() in ("", "???")):
         raise ConfigError(KEY, urls, "tar shards: a folder, a shardindex.json, a brace pattern like "
@@ -88,20 +92,77 @@ def resolve_shards(urls: str | Sequence[str] | None) -> tuple[list[dict], list[s
                 continue
         if part.endswith(".json"):
             index = read_index(part)
-            shards.extend(dict(entry) for entry in index["shardlist"])
+            shards.extend({**entry, "index": part} for entry in index["shardlist"])
             classes = classes or list(index.get("classes", []))
             continue
         shards.extend({"url": u if _is_remote(u) else _local(u)} for u in braceexpand(part))
     for entry in shards:
         if "nsamples" in entry:
-            continue
+            count = entry["nsamples"]
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ConfigError(KEY, entry["url"], f"an index whose nsamples are whole numbers, as scripts/make_shards.py "
+                                                     f"writes", f"nsamples={count!r}{_listed(entry)}")
         if _is_remote(entry["url"]):
-            raise ConfigError(KEY, entry["url"], f"remote shards listed in a wids {INDEX} (it gives their sizes)",
-                              "no sample count for it")
-        if not Path(entry["url"]).is_file():
-            raise ConfigError(KEY, entry["url"], "existing shard files or reachable URLs", "shard not found")
-        entry["nsamples"] = compute_num_samples(entry["url"])
+            if "nsamples" not in entry:
+                raise ConfigError(KEY, entry["url"], f"remote shards listed in a wids {INDEX} (it gives their sizes)",
+                                  "no sample count for it")
+            continue  # checked when downloaded (see ShardSource._reader)
+        entry["url"] = _local(entry["url"])
+        check_shard(entry, walk=verify or "nsamples" not in entry)
     return shards, classes
+
+
+def _listed(entry: dict) -> str:
+    return f" (listed in {entry['index']})" if entry.get("index") else ""
+
+
+def check_shard(entry: dict, walk: bool = True) -> None:
+    """Check a local shard against its index entry; one-line :class:`ConfigError` s naming the shard: missing,
+    not a regular file, not the index's ``filesize`` or not a whole number of 512-byte tar blocks (truncated or
+    rewritten); with ``walk``, reading its tar headers (about 2 s per 100k samples on a slow CPU; the loader
+    workers index every shard they open anyway): not a tar (garbage), a last member cut short, no samples, or
+    a sample count other than the index's ``nsamples`` (stored in the entry when the index gave none)."""
+    from wids.wids import IndexedTarSamples
+
+    url = entry["url"]
+    rebuild = "re-run scripts/make_shards.py, or fix or remove the shard" + ("" if not entry.get("index") else
+                                                                             f" and its entry in {INDEX}")
+    try:
+        info = os.stat(url)
+    except OSError as exc:
+        raise ConfigError(KEY, url, "existing shard files or reachable URLs",
+                          f"shard not found{_listed(entry)}: {type(exc).__name__}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(KEY, url, "tar shards that are regular files", f"{file_kind(info.st_mode)}{_listed(entry)}")
+    size = info.st_size
+    if "filesize" in entry and int(entry["filesize"]) != size:
+        raise ConfigError(KEY, url, rebuild, f"shard is {size} bytes, its index says {int(entry['filesize'])}"
+                                             f"{_listed(entry)}: truncated or rewritten")
+    if size % 512:
+        raise ConfigError(KEY, url, rebuild, f"shard is {size} bytes, not a whole number of 512-byte tar blocks: truncated")
+    if not walk:
+        return
+    try:
+        with open(url, "rb") as stream, contextlib.redirect_stdout(io.StringIO()):  # wids prints bad headers
+            reader = IndexedTarSamples(path=url, stream=stream)
+            count = len(reader)
+            end = max((offset + 512 + length for _name, offset, length in reader.reader.by_index), default=0)
+            reader.close()
+    except Exception as exc:  # noqa: BLE001 - wids raises struct, Unicode, value and assertion errors alike
+        raise ConfigError(KEY, url, rebuild, f"not a readable tar shard{_listed(entry)}: {type(exc).__name__}: {exc}") from None
+    if end > size:
+        raise ConfigError(KEY, url, rebuild, f"truncated: its last member ends at byte {end}, the file has {size}")
+    if "nsamples" in entry and int(entry["nsamples"]) != count:
+        raise ConfigError(KEY, url, rebuild, f"shard has {count} samples, its index says {int(entry['nsamples'])}"
+                                             f"{_listed(entry)}")
+    if count == 0:
+        raise ConfigError(KEY, url, rebuild, "shard has no samples (not a tar of <key>.<ext> members?)")
+    entry["nsamples"] = count
+
+
+class ShardReadError(OSError):
+    """A shard (or a sample of it) that cannot be read while training: its samples are skipped and counted
+    like unreadable images (shards that changed after setup, remote shards once downloaded)."""
 
 
 def image_member(raw: dict) -> bytes:
@@ -127,14 +188,20 @@ class ShardSource(Source):
         cache_dir: where remote shards are downloaded (default ``$MIM_LIGHTNING_CACHE/shards``), and the demo
             shards written.
         lru_size: shards each process keeps open (memory-mapped) at once.
+        verify: read every local shard's tar headers at setup (:func:`check_shard`: a truncated or garbage shard,
+            or a sample count other than the index's, is a one-line error). False: only the cheap checks (the
+            shard exists and has the index's size); a shard that then fails to read has its samples skipped and
+            counted like unreadable images.
     """
 
     key = KEY
 
-    def __init__(self, urls: str | Sequence[str] | None = None, cache_dir: str | None = None, lru_size: int = 64) -> None:
+    def __init__(self, urls: str | Sequence[str] | None = None, cache_dir: str | None = None, lru_size: int = 64,
+                 verify: bool = True) -> None:
         self.urls = urls if urls is None or isinstance(urls, str) else list(urls)
         self.cache_dir = cache_dir
         self.lru_size = int(lru_size)
+        self.verify = bool(verify)
         self.demo = urls is None
         self._shards: list[dict] | None = None
         self._classes: list[str] = []
@@ -148,28 +215,45 @@ class ShardSource(Source):
     def shards(self) -> list[dict]:
         if self._shards is None:
             urls = self.urls if self.urls is not None else str(demo_shards(self.cache_dir) / INDEX)
-            self._shards, self._classes = resolve_shards(urls)
+            self._shards, self._classes = resolve_shards(urls, verify=self.verify)
             self._offsets = np.concatenate([[0], np.cumsum([int(s["nsamples"]) for s in self._shards])]).astype(np.int64)
         return self._shards
 
     # -- reading through wids --------------------------------------------------------------------------
-    def _reader(self, url: str) -> Any:
+    def _reader(self, entry: dict) -> Any:
         from wids.wids import IndexedTarSamples
         from wids.wids_dl import download_and_open
         from wids.wids_lru import LRUCache
 
+        url = entry["url"]
         if self._readers is None or self._pid != os.getpid():
             self._readers, self._pid = LRUCache(self.lru_size, release_handler=lambda _k, v: v.close()), os.getpid()
+            self._broken: dict[str, str] = {}
+        if url in self._broken:  # tried once in this process: its other samples fail at once
+            raise ShardReadError(self._broken[url])
         if url not in self._readers:
-            if _is_remote(url):
-                from wids.wids import DefaultLocalname
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # wids prints the header it cannot parse
+                    if _is_remote(url):
+                        from wids.wids import DefaultLocalname
 
-                cache = self.cache_dir or os.path.join(_cache_base(), "shards")
-                local = DefaultLocalname(cache)(url)
-                with download_and_open(url, local) as stream:
-                    self._readers[url] = IndexedTarSamples(path=local, stream=stream)
-            else:
-                self._readers[url] = IndexedTarSamples(path=url)
+                        cache = self.cache_dir or os.path.join(_cache_base(), "shards")
+                        local = DefaultLocalname(cache)(url)
+                        with download_and_open(url, local) as stream:
+                            reader = IndexedTarSamples(path=local, stream=stream)
+                    else:
+                        if not stat.S_ISREG(os.stat(url).st_mode):
+                            raise ShardReadError(f"{url} is not a regular file")
+                        stream = open(url, "rb")  # noqa: SIM115 - the reader owns it (closed with it)
+                        try:
+                            reader = IndexedTarSamples(path=url, stream=stream)
+                        except BaseException:
+                            stream.close()
+                            raise
+            except Exception as exc:  # noqa: BLE001 - wids raises struct, Unicode, value and assertion errors alike
+                self._broken[url] = f"shard {url} cannot be read: {type(exc).__name__}: {exc}"
+                raise ShardReadError(self._broken[url]) from None
+            self._readers[url] = reader
         return self._readers[url]
 
     def locate(self, position: int) -> tuple[dict, int]:
@@ -178,9 +262,16 @@ class ShardSource(Source):
         return shards[shard], int(position - self._offsets[shard])
 
     def raw(self, position: int) -> dict:
-        """Sample ``position``'s members ``{".jpg": bytes, ".cls": bytes, "__key__": ...}``."""
+        """Sample ``position``'s members ``{".jpg": bytes, ".cls": bytes, "__key__": ...}``; a sample that the
+        shard does not hold (fewer samples than its index says) or cannot parse raises :class:`ShardReadError`."""
         entry, local = self.locate(position)
-        sample = self._reader(entry["url"])[local]
+        reader = self._reader(entry)
+        if local >= len(reader):
+            raise ShardReadError(f"shard {entry['url']} has {len(reader)} samples, its index says {entry['nsamples']}")
+        try:
+            sample = reader[local]
+        except Exception as exc:  # noqa: BLE001 - a cut or garbled member: wids raises what its parser meets
+            raise ShardReadError(f"{type(exc).__name__}: {exc}") from None
         return {k: (v.getvalue() if isinstance(v, io.BytesIO) else v) for k, v in sample.items()}
 
     # -- the Source interface ----------------------------------------------------------------------------
