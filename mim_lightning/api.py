@@ -263,6 +263,9 @@ def check_multirun_strategy(cfg: DictConfig) -> None:
 
 def pretrain(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
+    from mim_lightning.runchecks import check_run_values
+
+    check_run_values(cfg)
     check_multirun_strategy(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     return fit_run(cfg, build_datamodule, lambda datamodule, resuming: build_pretrain_module(
@@ -341,6 +344,9 @@ def build_finetune_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 def finetune(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the finetuning or linear probing that ``cfg`` describes."""
+    from mim_lightning.runchecks import check_run_values
+
+    check_run_values(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     def make_module(datamodule, resuming: bool) -> pl.LightningModule:

@@ -90,7 +90,7 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, folder):
     assert trainer.global_step == 12
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, folder, name):
     run_dir = tmp_path / name
     result = run_cli(*run_args(folder, run_dir, "+callbacks.sig._target_=conftest.SignalAtStep",
@@ -273,7 +273,41 @@ def bad_catalogue(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["on_nonfinite=ignore"], "on_nonfinite='ignore'"),
         (["nonfinite_check_every_n_steps=0"], "nonfinite_check_every_n_steps=0"),
         (["trainer.precision=17"], "trainer="),
+        (["data.repeat=0"], "data.repeat=0"),
+        (["seed=1.5"], "seed=1.5"),
+        (["seed=-1"], "seed=-1"),
+        (["seed=abc"], "seed='abc'"),
+        (["seed=99999999999"], "seed=99999999999"),
+        (["data.hflip=2"], "data.hflip=2"),
+        (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1"),
+        (["backbone.depth=0"], "backbone.depth=0"),
+        (["callbacks.checkpoint.every_n_train_steps=0"], "callbacks.checkpoint.every_n_train_steps=0"),
+        (["trainer.max_steps=ten"], "trainer.max_steps='ten'"),
+        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0"),
+        (["method.lr.value=-1"], "method.lr.value=-1"),
+        (["run_dir=/proc/nope"], "run_dir='/proc/nope'"),
+        (["method=simmim"], "mask.unit=32 gives 1 mask unit on the 32x32 image"),
     ]
+
+
+def test_an_unwritable_cache_folder_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIM_LIGHTNING_CACHE", "/proc/nope")
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(lambda: pretrain(compose("pretrain", tiny_overrides(tmp_path / "run"))))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1
+    assert "MIM_LIGHTNING_CACHE='/proc/nope': cannot write there" in err[0]
+
+
+def test_a_path_split_at_a_space_says_to_quote_it(capsys):
+    from mim_lightning.cli import check_split_values
+
+    check_split_values(["--cfg", "job", "data=folder", "~callbacks.x"])  # flags, their values and deletions pass
+    with pytest.raises(SystemExit) as info:
+        check_split_values(["data=folder", "data.root=/data/my", "images", "seed=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1
+    assert "data.root='/data/my images'" in err[0] and "quotes: 'data.root=/data/my images'" in err[0]
 
 
 def test_bad_config_catalogue_each_one_line_and_exit_2(tmp_path, capsys):
