@@ -275,7 +275,15 @@ def pretrain(cfg: DictConfig) -> pl.Trainer:
 def fit_run(cfg: DictConfig, make_datamodule, make_module, log_name: str = "train") -> pl.Trainer:
     """Build and fit one run: resolve the checkpoint to resume, check the data before any process is
     launched (``make_module(datamodule, resuming)`` builds the module), write the run config, and close the
-    W&B run at the end. Run messages go to the console and ``<run_dir>/<log_name>.log``."""
+    W&B run at the end. Run messages go to the console and ``<run_dir>/<log_name>.log``. The run holds
+    ``<run_dir>/.lock`` throughout (:mod:`mim_lightning.runlock`): a second live run on the folder is refused."""
+    from mim_lightning.runlock import run_dir_locked
+
+    with run_dir_locked(cfg.run_dir):
+        return _fit_locked(cfg, make_datamodule, make_module, log_name)
+
+
+def _fit_locked(cfg: DictConfig, make_datamodule, make_module, log_name: str) -> pl.Trainer:
     from mim_lightning import runlog
 
     runlog.attach_run_log(str(cfg.run_dir), log_name)

@@ -201,13 +201,27 @@ def entry_point(app: str, hydra_main: Callable[[], Any], run: Callable[[Any], An
         argv = prepare_argv(app, argv)
     else:
         cfg, notes = restored
+        lock_or_exit(str(cfg.run_dir))
         runlog.attach_run_log(str(cfg.run_dir), APP_LOG[app])
         for note in notes:
             runlog.info(note)
         run_or_exit(run, cfg)
         return
+    named = [a.partition("=")[2] for a in _overrides(argv) if a.partition("=")[0].lstrip("+") == "run_dir"]
+    if named and not _is_multirun(argv) and not any(a.startswith(("--cfg", "-c", "--info")) for a in argv):
+        lock_or_exit(named[-1])  # before Hydra writes <run_dir>/.hydra over a live run's record
     sys.argv = [sys.argv[0], *argv]
     hydra_main()
+
+
+def lock_or_exit(run_dir: str) -> None:
+    """Hold ``<run_dir>/.lock`` for this process (:mod:`mim_lightning.runlock`), or one line and exit 2."""
+    from mim_lightning.runlock import lock_run_dir
+
+    try:
+        lock_run_dir(run_dir)
+    except ConfigError as error:
+        fail(str(error), EXIT_CONFIG_ERROR)
 
 
 def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:

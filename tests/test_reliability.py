@@ -346,3 +346,31 @@ def test_resume_is_exact_with_drop_path_using_the_global_random_stream(tmp_path,
     resumed = pretrain(compose("pretrain", run_args(folder, crashed, *extra, "resume=auto")))
     assert resumed.global_step == 24
     assert_same_weights(resumed.lightning_module.state_dict(), straight.lightning_module.state_dict())
+
+
+def test_a_second_run_on_a_live_run_folder_is_refused_until_the_first_dies(tmp_path, capsys):
+    """The lock is the one fit_run takes: held by a live process it refuses a fresh run and a resume (one line with
+    the owner's pid, exit 2); after a kill -9 of the owner the next run takes the folder."""
+    run_dir = tmp_path / "shared"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from mim_lightning.runlock import lock_run_dir; "
+         f"lock_run_dir({str(run_dir)!r}); print('locked', flush=True); sys.stdin.read()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ([], ["resume=auto"]):
+            with pytest.raises(SystemExit) as info:
+                run_or_exit(lambda e=extra: pretrain(compose("pretrain", tiny_overrides(run_dir, *e))))
+            err = capsys.readouterr().err.strip().splitlines()
+            assert info.value.code == 2 and len(err) == 1, err
+            assert f"run_dir='{run_dir}'" in err[0] and f"in use by a live run (pid {holder.pid} on " in err[0]
+        assert not (run_dir / "config.yaml").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock
+        holder.wait(timeout=30)
+    trainer = pretrain(compose("pretrain", tiny_overrides(run_dir)))
+    assert trainer.global_step > 0 and (run_dir / "config.yaml").exists()
+    from mim_lightning.runlock import lock_run_dir, unlock_run_dir
+
+    assert lock_run_dir(run_dir)  # given back at the end of the run (a sweep's next job may take it)
+    unlock_run_dir(run_dir)
