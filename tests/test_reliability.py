@@ -78,6 +78,7 @@ def test_resume_auto_skips_a_corrupt_checkpoint_and_ckpt_path_names_it(tmp_path,
     assert fallback is not None and fallback.name == "step00000012.ckpt"
     assert torch.load(fallback, weights_only=False)["global_step"] == 12
 
+    capsys.readouterr()  # the first run's own messages (the run log's console handler may write to this capture)
     with pytest.raises(SystemExit) as info:
         run_or_exit(pretrain, compose("pretrain", run_args(folder, tmp_path / "other", f"ckpt_path={newest}")))
     assert info.value.code == 2
@@ -213,6 +214,41 @@ def test_on_nonfinite_skip_drops_the_step_and_counts_it(tmp_path, folder, monkey
     param = next(module.model.parameters())
     assert int(trainer.optimizers[0].state[param]["step"]) == 22
     assert all(torch.isfinite(p).all() for p in module.parameters())
+    # the skipped steps' rows hold the count and no loss or gradient norm of an earlier step
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "skip" / "csv" / "metrics.csv").open()))
+    losses = {int(r["step"]) for r in rows if r["train/loss"]}
+    norms = {int(r["step"]) for r in rows if r["train/grad_norm"]}
+    assert losses == norms == set(range(24)) - {2, 8}, sorted(set(range(24)) - losses)
+    assert [float(r["train/skipped_steps"]) for r in rows if int(r["step"]) in (2, 8) and r["train/skipped_steps"]] \
+        == [1.0, 2.0]
+
+
+def test_on_nonfinite_skip_stops_when_the_weights_diverge(tmp_path, folder, capsys, monkeypatch):
+    """Skipping cannot rescue weights that are no longer finite: the run stops (exit 1) and writes no checkpoint
+    from them."""
+    from mim_lightning.methods.mae.model import MaskedAutoencoder
+
+    original = MaskedAutoencoder.forward
+    calls = {"n": 0}
+
+    def diverge_at_call_5(self, images, mask=None):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                with torch.no_grad():
+                    next(self.parameters()).mul_(float("inf"))
+        return original(self, images, mask)
+
+    monkeypatch.setattr(MaskedAutoencoder, "forward", diverge_at_call_5)
+    run_dir = tmp_path / "diverged"
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(pretrain, compose("pretrain", run_args(folder, run_dir, "on_nonfinite=skip")))
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "the weights are no longer finite at step 4" in err and "1 steps skipped so far" in err
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
 def test_a_folder_with_5_percent_broken_files_trains_to_the_end(tmp_path):

@@ -187,6 +187,7 @@ class FinetuneModule(LearningRateRecipe, NonFinitePolicy, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_nonfinite()  # never write weights that went through a non-finite step
+        self.check_weights_finite()
         state = checkpoint.setdefault("mim_lightning", {})
         state["val_top1_history"] = list(self.val_top1_history)
         state["skipped_steps"] = self.skipped_steps
