@@ -229,7 +229,7 @@ def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:
     SIGTERM/SIGUSR1/Ctrl-C during training (after ``last.ckpt`` is written) exits 0, Ctrl-C before it 130."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from mim_lightning.errors import NonFiniteLossError
+    from mim_lightning.errors import DiskFullError, NonFiniteLossError
 
     try:
         return function(*args)
@@ -243,8 +243,8 @@ def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:
         print("mim_lightning: interrupted before training started; no checkpoint was written", file=sys.stderr,
               flush=True)
         sys.exit(130)
-    except NonFiniteLossError as error:
-        fail(str(error), EXIT_RUN_FAILED)
+    except (NonFiniteLossError, DiskFullError) as error:
+        fail(error.strerror if isinstance(error, DiskFullError) else str(error), EXIT_RUN_FAILED)
     except Exception as exc:  # noqa: BLE001 - anything that is not a config problem keeps its traceback
         error = as_config_error(exc)
         if error is None:
