@@ -363,7 +363,10 @@ def finetune(cfg: DictConfig) -> pl.Trainer:
             # The checkpoint holds every weight: the pretrained file is not read again (it may have moved).
             module_cfg = copy.deepcopy(cfg)
             module_cfg.pretrained = None
-        return build_finetune_module(module_cfg, num_classes=len(datamodule.classes)
-                                     if cfg.get("num_classes") is None else None)
+        from mim_lightning.modules.finetune import check_num_classes
+
+        if cfg.get("num_classes") is not None:
+            check_num_classes(cfg.num_classes, len(datamodule.classes))
+        return build_finetune_module(module_cfg, num_classes=len(datamodule.classes))
 
     return fit_run(cfg, build_finetune_datamodule, make_module, log_name="finetune")

@@ -104,6 +104,10 @@ def check_run_values(cfg: DictConfig, folders: bool = True) -> None:
     check_data_values(cfg.get("data"))
     check_model_values(cfg)
     check_callback_values(cfg)
+    if cfg.get("num_classes") is not None:  # finetuning; the class folders are counted at setup
+        from mim_lightning.modules.finetune import check_num_classes
+
+        check_num_classes(cfg.num_classes)
     if not folders:
         return
     check_writable_folder("run_dir", str(cfg.run_dir), "the run folder")
