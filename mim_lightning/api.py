@@ -181,8 +181,10 @@ def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike, resuming: bool 
 def check_resume_keeps_run(cfg: DictConfig, ckpt_path: str) -> None:
     """A resume must not change what the checkpoint's run trains (the Python API's guard; the command line
     restores the stored config first, see :mod:`mim_lightning.resume`)."""
-    from mim_lightning.resume import checkpoint_config, identity_differences, move_paths, refuse_changes
+    from mim_lightning.resume import (check_checkpoint_model, checkpoint_config, identity_differences, move_paths,
+                                      refuse_changes)
 
+    check_checkpoint_model(to_container(cfg), ckpt_path)
     if cfg.get("resume_force", False):
         return
     stored = checkpoint_config(ckpt_path)

@@ -410,3 +410,19 @@ def test_a_second_run_on_a_live_run_folder_is_refused_until_the_first_dies(tmp_p
 
     assert lock_run_dir(run_dir)  # given back at the end of the run (a sweep's next job may take it)
     unlock_run_dir(run_dir)
+
+
+def test_ckpt_path_of_another_method_or_size_is_one_line_naming_the_difference(tmp_path, capsys):
+    first = tmp_path / "mae"
+    pretrain(compose("pretrain", tiny_overrides(first, "trainer.max_steps=2")))
+    ckpt = first / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    for extra, text in ((["method=simmim", "mask.unit=8"], "holds a method=mae model, this run is method=simmim"),
+                        (["backbone.embed_dim=64"], "holds a backbone=vit_test model, this run is backbone=vit_test "
+                                                    "(embed_dim 32 vs 64)")):
+        with pytest.raises(SystemExit) as info:
+            run_or_exit(lambda e=extra: pretrain(compose("pretrain", tiny_overrides(
+                tmp_path / "other", f"ckpt_path={ckpt}", "resume_force=true", *e))))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2, err
+        assert len(err) == 1 and f"ckpt_path='{ckpt}'" in err[0] and text in err[0], err
