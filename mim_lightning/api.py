@@ -181,8 +181,10 @@ def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike, resuming: bool 
 def check_resume_keeps_run(cfg: DictConfig, ckpt_path: str) -> None:
     """A resume must not change what the checkpoint's run trains (the Python API's guard; the command line
     restores the stored config first, see :mod:`mim_lightning.resume`)."""
-    from mim_lightning.resume import checkpoint_config, identity_differences, move_paths, refuse_changes
+    from mim_lightning.resume import (check_checkpoint_model, checkpoint_config, identity_differences, move_paths,
+                                      refuse_changes)
 
+    check_checkpoint_model(to_container(cfg), ckpt_path)
     if cfg.get("resume_force", False):
         return
     stored = checkpoint_config(ckpt_path)
@@ -263,6 +265,9 @@ def check_multirun_strategy(cfg: DictConfig) -> None:
 
 def pretrain(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
+    from mim_lightning.runchecks import check_run_values
+
+    check_run_values(cfg)
     check_multirun_strategy(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     return fit_run(cfg, build_datamodule, lambda datamodule, resuming: build_pretrain_module(
@@ -272,7 +277,15 @@ def pretrain(cfg: DictConfig) -> pl.Trainer:
 def fit_run(cfg: DictConfig, make_datamodule, make_module, log_name: str = "train") -> pl.Trainer:
     """Build and fit one run: resolve the checkpoint to resume, check the data before any process is
     launched (``make_module(datamodule, resuming)`` builds the module), write the run config, and close the
-    W&B run at the end. Run messages go to the console and ``<run_dir>/<log_name>.log``."""
+    W&B run at the end. Run messages go to the console and ``<run_dir>/<log_name>.log``. The run holds
+    ``<run_dir>/.lock`` throughout (:mod:`mim_lightning.runlock`): a second live run on the folder is refused."""
+    from mim_lightning.runlock import run_dir_locked
+
+    with run_dir_locked(cfg.run_dir):
+        return _fit_locked(cfg, make_datamodule, make_module, log_name)
+
+
+def _fit_locked(cfg: DictConfig, make_datamodule, make_module, log_name: str) -> pl.Trainer:
     from mim_lightning import runlog
 
     runlog.attach_run_log(str(cfg.run_dir), log_name)
@@ -341,6 +354,9 @@ def build_finetune_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 def finetune(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the finetuning or linear probing that ``cfg`` describes."""
+    from mim_lightning.runchecks import check_run_values
+
+    check_run_values(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     def make_module(datamodule, resuming: bool) -> pl.LightningModule:
@@ -349,7 +365,10 @@ def finetune(cfg: DictConfig) -> pl.Trainer:
             # The checkpoint holds every weight: the pretrained file is not read again (it may have moved).
             module_cfg = copy.deepcopy(cfg)
             module_cfg.pretrained = None
-        return build_finetune_module(module_cfg, num_classes=len(datamodule.classes)
-                                     if cfg.get("num_classes") is None else None)
+        from mim_lightning.modules.finetune import check_num_classes
+
+        if cfg.get("num_classes") is not None:
+            check_num_classes(cfg.num_classes, len(datamodule.classes))
+        return build_finetune_module(module_cfg, num_classes=len(datamodule.classes))
 
     return fit_run(cfg, build_finetune_datamodule, make_module, log_name="finetune")

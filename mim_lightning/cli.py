@@ -61,15 +61,38 @@ def _overrides(argv: list[str]) -> list[str]:
             and ("=" in a or a.startswith("~"))]
 
 
+#: Hydra's flags that take the next argument as their value.
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc")
+
+
+def check_split_values(argv: list[str]) -> None:
+    """A word that is no ``key=value`` after an override is a value the shell split at a space (an unquoted
+    path with spaces); Hydra would say "missing EQUAL at '<EOF>'"."""
+    for previous, arg in zip(["", *argv], argv):
+        if "=" in arg or arg.startswith(("-", "~")) or previous in VALUE_FLAGS or "=" not in previous:
+            continue
+        key, _, value = previous.partition("=")
+        fail(str(ConfigError(key.lstrip("+"), f"{value} {arg}", f"the whole value in quotes: '{key}={value} {arg}'",
+                             f"the shell split the value at a space ({arg!r} is not key=value)")), EXIT_CONFIG_ERROR)
+
+
 def precheck(app: str, argv: list[str]) -> None:
-    """Compose once before Hydra does, so a bad key (a typo) is one line with "did you mean" and exit 2."""
+    """Compose once before Hydra does, so a bad key (a typo) or value is one line with exit 2.
+
+    The run folder is tested for writing only when the command line names it (the default one is named after
+    the time, which Hydra reads again)."""
+    check_split_values(argv)
     overrides = _overrides(argv)
     if _is_multirun(argv) or any("," in a.partition("=")[2] and "[" not in a for a in overrides):
         return  # sweep values: Hydra expands them per job
     if any(a.startswith(("--cfg", "-c", "--info", "--help", "-h", "--hydra-help", "--shell-completion")) for a in argv):
         return
+    from mim_lightning.runchecks import check_run_values
+
+    named = any(a.partition("=")[0].lstrip("+") == "run_dir" for a in overrides)
     try:
-        compose(app, overrides)
+        check_run_values(compose(app, overrides), folders=named)
     except ConfigError as error:
         fail(str(error), EXIT_CONFIG_ERROR)
 
@@ -178,21 +201,35 @@ def entry_point(app: str, hydra_main: Callable[[], Any], run: Callable[[Any], An
         argv = prepare_argv(app, argv)
     else:
         cfg, notes = restored
+        lock_or_exit(str(cfg.run_dir))
         runlog.attach_run_log(str(cfg.run_dir), APP_LOG[app])
         for note in notes:
             runlog.info(note)
         run_or_exit(run, cfg)
         return
+    named = [a.partition("=")[2] for a in _overrides(argv) if a.partition("=")[0].lstrip("+") == "run_dir"]
+    if named and not _is_multirun(argv) and not any(a.startswith(("--cfg", "-c", "--info")) for a in argv):
+        lock_or_exit(named[-1])  # before Hydra writes <run_dir>/.hydra over a live run's record
     sys.argv = [sys.argv[0], *argv]
     hydra_main()
 
 
+def lock_or_exit(run_dir: str) -> None:
+    """Hold ``<run_dir>/.lock`` for this process (:mod:`mim_lightning.runlock`), or one line and exit 2."""
+    from mim_lightning.runlock import lock_run_dir
+
+    try:
+        lock_run_dir(run_dir)
+    except ConfigError as error:
+        fail(str(error), EXIT_CONFIG_ERROR)
+
+
 def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:
     """Call ``function``; a config problem prints one line and exits 2, a non-finite loss exits 1,
-    SIGTERM/SIGUSR1 (after ``last.ckpt`` is written) exits 0."""
+    SIGTERM/SIGUSR1/Ctrl-C during training (after ``last.ckpt`` is written) exits 0, Ctrl-C before it 130."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from mim_lightning.errors import NonFiniteLossError
+    from mim_lightning.errors import DiskFullError, NonFiniteLossError
 
     try:
         return function(*args)
@@ -202,8 +239,12 @@ def run_or_exit(function: Callable[..., Any], *args: Any) -> Any:
         print(f"mim_lightning: stopped by a signal; last.ckpt was written, resume with {where}",
               file=sys.stderr, flush=True)
         sys.exit(0)
-    except NonFiniteLossError as error:
-        fail(str(error), EXIT_RUN_FAILED)
+    except KeyboardInterrupt:  # Ctrl-C before training started (during training it stops as above)
+        print("mim_lightning: interrupted before training started; no checkpoint was written", file=sys.stderr,
+              flush=True)
+        sys.exit(130)
+    except (NonFiniteLossError, DiskFullError) as error:
+        fail(error.strerror if isinstance(error, DiskFullError) else str(error), EXIT_RUN_FAILED)
     except Exception as exc:  # noqa: BLE001 - anything that is not a config problem keeps its traceback
         error = as_config_error(exc)
         if error is None:

@@ -31,6 +31,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss or gradient became NaN or infinite; the run stops instead of training on garbage."""
 
 
+class DiskFullError(OSError):
+    """A file of the run (a checkpoint) could not be written because its disk is full; ``str()`` is one line."""
+
+
 def find_config_error(exc: BaseException) -> ConfigError | None:
     """Return the first :class:`ConfigError` in ``exc``'s cause/context chain (Hydra wraps them)."""
     seen: set[int] = set()

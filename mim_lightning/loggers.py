@@ -1,4 +1,5 @@
-"""Loggers that keep a run's history when it resumes into the same run folder."""
+"""Loggers that keep a run's history when it resumes into the same run folder, and a W&B logger that falls back
+to offline mode at once when the server cannot be reached."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import os
 
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -94,3 +96,83 @@ class AppendingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+#: How long a run waits to learn whether the W&B server can be reached before it logs offline.
+WANDB_PROBE_SECONDS = 2.0
+
+
+def wandb_server() -> tuple[str, int]:
+    """Host and port of the W&B server (``WANDB_BASE_URL``, default ``https://api.wandb.ai``)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+
+
+def wandb_api_key(host: str) -> str | None:
+    """The stored W&B key: ``WANDB_API_KEY``, else the ``~/.netrc`` (``$NETRC``) entry ``wandb login`` writes."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return entry[2] if entry and entry[2] else None
+
+
+def reachable(host: str, port: int, seconds: float = WANDB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``seconds`` (name lookup included: it runs in a
+    thread, since ``getaddrinfo`` takes no timeout)."""
+    import socket
+    import threading
+
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(result and result[0])
+
+
+def wandb_offline(offline: bool, save_dir: str | None) -> bool:
+    """Whether the W&B run logs offline: as asked (``offline``, ``WANDB_MODE``), else offline when the server
+    cannot be reached within :data:`WANDB_PROBE_SECONDS` (one line says so and how to upload later), instead of
+    wandb's ~100 s of retries. No stored key is one line (exit 2) unless the run is offline anyway."""
+    from mim_lightning import runlog
+    from mim_lightning.errors import ConfigError
+
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if offline or mode in ("offline", "dryrun", "disabled"):
+        return offline
+    host, port = wandb_server()
+    if wandb_api_key(host) is None:
+        raise ConfigError("logger", "wandb", "WANDB_API_KEY=<key> or `wandb login` first, WANDB_MODE=offline "
+                          "(upload later with `wandb sync`), or another logger (logger=csv)",
+                          f"no W&B API key for {host} (WANDB_API_KEY or ~/.netrc)")
+    if reachable(host, port):
+        return False
+    if mode == "online":
+        raise ConfigError("logger", "wandb", "a reachable W&B server, or WANDB_MODE=offline (upload later with "
+                          "`wandb sync`)", f"WANDB_MODE=online but {host}:{port} does not answer within "
+                          f"{WANDB_PROBE_SECONDS:g} s")
+    where = os.path.join(save_dir or ".", "wandb")
+    runlog.warning(f"W&B: {host}:{port} does not answer within {WANDB_PROBE_SECONDS:g} s; logging offline to "
+                   f"{where}; upload later with `wandb sync {where}/offline-run-*`")
+    return True
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's ``WandbLogger`` that never stalls on a missing network: see :func:`wandb_offline`."""
+
+    def __init__(self, *args, offline: bool = False, save_dir: str = ".", **kwargs) -> None:
+        super().__init__(*args, offline=wandb_offline(bool(offline), save_dir), save_dir=save_dir, **kwargs)

@@ -55,6 +55,12 @@ class MaskGenerator:
         self.grid = (self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size)
         self.num_units = self.unit_grid[0] * self.unit_grid[1]
         self.num_hidden_units = self._hidden_count()
+        if self.num_units < 2:
+            raise ConfigError(
+                "mask.unit", self.unit, f"a mask unit smaller than data.image_size={self.input_size[0]}, e.g. "
+                f"mask.unit={self.patch_size}, or larger images", f"mask.unit={self.unit} gives "
+                f"{self.num_units} mask unit on the {self.input_size[0]}x{self.input_size[1]} image: nothing to "
+                "split into hidden and visible")
         if not 0 < self.num_hidden_units < self.num_units:
             raise ConfigError(
                 "mask.ratio", self.ratio, f"a ratio that hides between 1 and {self.num_units - 1} of the "

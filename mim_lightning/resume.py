@@ -278,3 +278,43 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (DictConfig,)) or OmegaConf.is_list(value):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+def check_checkpoint_model(run: Mapping[str, Any], ckpt_path: str | Path) -> None:
+    """The checkpoint a run continues holds the model this run builds: the same app (pretraining or finetuning),
+    method and backbone (``checkpoint['mim_lightning']`` and ``hyper_parameters.config``); otherwise one line naming
+    ``ckpt_path`` and the difference, even with ``resume_force`` (the weights would not load: dozens of
+    ``size mismatch`` lines)."""
+    import torch
+
+    from mim_lightning.methods import spec_for_target
+
+    path = Path(ckpt_path) / "meta.pt" if Path(ckpt_path).is_dir() else Path(ckpt_path)
+    try:
+        content = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - checked as a file before; nothing more to compare
+        return
+    stored = dict((content.get("hyper_parameters") or {}).get("config") or {})
+    record = content.get("mim_lightning") or {}
+    kind = lambda config: "finetuning" if "finetune" in config else "pretraining"  # noqa: E731
+    allowed = "a checkpoint of this run's model, or a command line naming the checkpoint's method= and backbone="
+    if stored and kind(stored) != kind(run):
+        raise ConfigError("ckpt_path", str(ckpt_path), allowed, f"a {kind(stored)} checkpoint, this is a {kind(run)} run")
+    method = record.get("method")
+    target = ((run.get("method") or {}).get("model") or {}).get("_target_") if isinstance(run.get("method"), Mapping) else None
+    if method and target:
+        try:
+            mine = spec_for_target(str(target)).name
+        except ConfigError:
+            mine = None
+        if mine is not None and mine != method:
+            raise ConfigError("ckpt_path", str(ckpt_path), allowed, f"holds a method={method} model, this run is "
+                              f"method={mine}")
+    old = (record.get("encoder") or {}).get("backbone") or stored.get("backbone")
+    new = run.get("backbone")
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        changed = [(k, o, n) for k, o, n in differences(old, new) if not k.startswith("decoder")]
+        if changed or old.get("name") != new.get("name"):
+            shown = ", ".join(f"{k} {o!r} vs {n!r}" for k, o, n in changed[:4])
+            raise ConfigError("ckpt_path", str(ckpt_path), allowed, f"holds a backbone={old.get('name')} model, this "
+                              f"run is backbone={new.get('name')}" + (f" ({shown})" if shown else ""))

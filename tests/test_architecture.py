@@ -20,7 +20,7 @@ LAYERS = [
     ("models",),
     ("data", "checkpoints", "methods", "optim"),
     ("modules", "callbacks", "loggers", "parallel", "visualize"),
-    ("config", "resume", "api"),
+    ("config", "resume", "api", "runchecks", "runlock"),
     ("cli", "train", "finetune", "export", "sweep_report", "__init__", "__main__"),
 ]
 

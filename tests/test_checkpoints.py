@@ -220,3 +220,35 @@ def test_official_itpn_clip_checkpoint_loads_strictly_and_into_the_finetune_clas
     torch.testing.assert_close(encoder.blocks[4].gamma_1, official["blocks.4.gamma_1"])
     torch.testing.assert_close(encoder.blocks[4].attn.relative_position_bias_table,
                                official["blocks.4.attn.relative_position_bias_table"])
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["oserror", "torch-runtimeerror"])
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_old_one(tmp_path, capsys, monkeypatch, wrapped):
+    import errno
+
+    from mim_lightning.checkpoints.io import AtomicCheckpointIO
+    from mim_lightning.cli import run_or_exit
+
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, target)
+    real_save = torch.save
+
+    def full(obj, stream, *args, **kwargs):
+        stream.write(b"x" * 64)
+        error = OSError(errno.ENOSPC, "No space left on device")
+        if not wrapped:
+            raise error
+        try:
+            raise error
+        except OSError:  # what torch's zip writer makes of it
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0") from None
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(AtomicCheckpointIO().save_checkpoint, {"state_dict": {"w": torch.zeros(2)}}, target)
+    monkeypatch.setattr(torch, "save", real_save)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"mim_lightning: error: cannot write checkpoint {target}: the disk is full"), err[0]
+    assert torch.equal(torch.load(target, weights_only=False)["state_dict"]["w"], torch.ones(2))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temporary file left

@@ -603,3 +603,26 @@ def test_interrupted_finetuning_resumes_to_the_weights_of_an_uninterrupted_run(l
         assert torch.equal(a[key], b[key]), key
     fresh = build_finetune_module(ft_cfg(labelled, tmp_path, *run[1:])).state_dict()
     assert not torch.equal(a["model.blocks.0.attn.qkv.weight"], fresh["model.blocks.0.attn.qkv.weight"])  # it trained
+
+
+def test_num_classes_must_match_the_class_folders_and_a_resume_keeps_the_count(labelled, tmp_path, capsys):
+    from mim_lightning.cli import run_or_exit
+
+    for given, text in ((2, "num_classes=2: data.root has 3 class sub-folders"),
+                        (5, "num_classes=5: data.root has 3 class sub-folders"), (1, "at least 2 classes")):
+        with pytest.raises(SystemExit) as info:
+            run_or_exit(finetune, ft_cfg(labelled, tmp_path / f"n{given}", f"num_classes={given}"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and text in err[-1] and err[-1].startswith("mim_lightning: error: "), err
+    root = tmp_path / "classes"
+    shutil.copytree(labelled, root)
+    run_dir = tmp_path / "run"
+    finetune(ft_cfg(root, run_dir, "trainer.max_steps=2", "data.val_fraction=0"))
+    shutil.copytree(root / "emu", root / "fox")  # a fourth class appears in the folder
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(finetune, ft_cfg(root, run_dir, "trainer.max_steps=4", "data.val_fraction=0", "resume=auto"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2, err
+    assert "num_classes=4" in err[-1] and "the checkpoint's head has 3 classes" in err[-1], err[-1]
+    assert not any("size mismatch" in line for line in err)

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from conftest import tiny_overrides, write_images
-from mim_lightning import compose, pretrain
+from mim_lightning import ConfigError, compose, pretrain
 from mim_lightning.loggers import AppendingCSVLogger
 
 
@@ -74,3 +74,53 @@ def test_kill_9_after_a_checkpoint_then_resume_keeps_every_step(tmp_path, folder
     assert_each_step_once(read_rows(run_dir / "csv" / "metrics.csv"), range(7))
     pretrain(compose("pretrain", resume_overrides(folder, run_dir, "trainer.max_steps=8", "resume=auto")))
     assert_each_step_once(read_rows(run_dir / "csv" / "metrics.csv"), range(8))
+
+
+@pytest.fixture
+def no_wandb_setup(tmp_path, monkeypatch):
+    """No WANDB_MODE, no key in the environment or in a netrc file."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "netrc").write_text("")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+
+
+def test_wandb_without_a_key_is_one_line_and_exit_2(tmp_path, capsys, no_wandb_setup):
+    import time
+
+    from mim_lightning.cli import run_or_exit
+
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(lambda: pretrain(compose("pretrain", tiny_overrides(tmp_path / "run", "logger=wandb"))))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith("mim_lightning: error: logger='wandb': no W&B API key"), err
+    assert time.monotonic() - start < 60
+
+
+def test_wandb_falls_back_to_offline_at_once_when_the_server_does_not_answer(tmp_path, monkeypatch, caplog,
+                                                                               no_wandb_setup):
+    import socket
+    import time
+
+    from mim_lightning.loggers import WandbLogger, wandb_offline
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    with socket.socket() as server:  # a port that refuses connections
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    logger = WandbLogger(project="p", save_dir=str(tmp_path))
+    assert logger._offline and time.monotonic() - start < 5
+    assert f"logging offline to {tmp_path}/wandb; upload later with `wandb sync {tmp_path}/wandb/offline-run-*`" \
+        in caplog.text
+    monkeypatch.setenv("WANDB_MODE", "online")  # asked for online: one line instead of waiting
+    with pytest.raises(ConfigError, match="does not answer within 2 s"):
+        wandb_offline(False, str(tmp_path))
+    # the real server from a machine without network: decided within the probe's 2 s, whatever the DNS does
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_BASE_URL")
+    start = time.monotonic()
+    wandb_offline(False, str(tmp_path))
+    assert time.monotonic() - start < 5

@@ -78,6 +78,7 @@ def test_resume_auto_skips_a_corrupt_checkpoint_and_ckpt_path_names_it(tmp_path,
     assert fallback is not None and fallback.name == "step00000012.ckpt"
     assert torch.load(fallback, weights_only=False)["global_step"] == 12
 
+    capsys.readouterr()  # the first run's own messages (the run log's console handler may write to this capture)
     with pytest.raises(SystemExit) as info:
         run_or_exit(pretrain, compose("pretrain", run_args(folder, tmp_path / "other", f"ckpt_path={newest}")))
     assert info.value.code == 2
@@ -90,7 +91,7 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, folder):
     assert trainer.global_step == 12
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, folder, name):
     run_dir = tmp_path / name
     result = run_cli(*run_args(folder, run_dir, "+callbacks.sig._target_=conftest.SignalAtStep",
@@ -213,6 +214,41 @@ def test_on_nonfinite_skip_drops_the_step_and_counts_it(tmp_path, folder, monkey
     param = next(module.model.parameters())
     assert int(trainer.optimizers[0].state[param]["step"]) == 22
     assert all(torch.isfinite(p).all() for p in module.parameters())
+    # the skipped steps' rows hold the count and no loss or gradient norm of an earlier step
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "skip" / "csv" / "metrics.csv").open()))
+    losses = {int(r["step"]) for r in rows if r["train/loss"]}
+    norms = {int(r["step"]) for r in rows if r["train/grad_norm"]}
+    assert losses == norms == set(range(24)) - {2, 8}, sorted(set(range(24)) - losses)
+    assert [float(r["train/skipped_steps"]) for r in rows if int(r["step"]) in (2, 8) and r["train/skipped_steps"]] \
+        == [1.0, 2.0]
+
+
+def test_on_nonfinite_skip_stops_when_the_weights_diverge(tmp_path, folder, capsys, monkeypatch):
+    """Skipping cannot rescue weights that are no longer finite: the run stops (exit 1) and writes no checkpoint
+    from them."""
+    from mim_lightning.methods.mae.model import MaskedAutoencoder
+
+    original = MaskedAutoencoder.forward
+    calls = {"n": 0}
+
+    def diverge_at_call_5(self, images, mask=None):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                with torch.no_grad():
+                    next(self.parameters()).mul_(float("inf"))
+        return original(self, images, mask)
+
+    monkeypatch.setattr(MaskedAutoencoder, "forward", diverge_at_call_5)
+    run_dir = tmp_path / "diverged"
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(pretrain, compose("pretrain", run_args(folder, run_dir, "on_nonfinite=skip")))
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "the weights are no longer finite at step 4" in err and "1 steps skipped so far" in err
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
 def test_a_folder_with_5_percent_broken_files_trains_to_the_end(tmp_path):
@@ -273,7 +309,41 @@ def bad_catalogue(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["on_nonfinite=ignore"], "on_nonfinite='ignore'"),
         (["nonfinite_check_every_n_steps=0"], "nonfinite_check_every_n_steps=0"),
         (["trainer.precision=17"], "trainer="),
+        (["data.repeat=0"], "data.repeat=0"),
+        (["seed=1.5"], "seed=1.5"),
+        (["seed=-1"], "seed=-1"),
+        (["seed=abc"], "seed='abc'"),
+        (["seed=99999999999"], "seed=99999999999"),
+        (["data.hflip=2"], "data.hflip=2"),
+        (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1"),
+        (["backbone.depth=0"], "backbone.depth=0"),
+        (["callbacks.checkpoint.every_n_train_steps=0"], "callbacks.checkpoint.every_n_train_steps=0"),
+        (["trainer.max_steps=ten"], "trainer.max_steps='ten'"),
+        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0"),
+        (["method.lr.value=-1"], "method.lr.value=-1"),
+        (["run_dir=/proc/nope"], "run_dir='/proc/nope'"),
+        (["method=simmim"], "mask.unit=32 gives 1 mask unit on the 32x32 image"),
     ]
+
+
+def test_an_unwritable_cache_folder_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIM_LIGHTNING_CACHE", "/proc/nope")
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(lambda: pretrain(compose("pretrain", tiny_overrides(tmp_path / "run"))))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1
+    assert "MIM_LIGHTNING_CACHE='/proc/nope': cannot write there" in err[0]
+
+
+def test_a_path_split_at_a_space_says_to_quote_it(capsys):
+    from mim_lightning.cli import check_split_values
+
+    check_split_values(["--cfg", "job", "data=folder", "~callbacks.x"])  # flags, their values and deletions pass
+    with pytest.raises(SystemExit) as info:
+        check_split_values(["data=folder", "data.root=/data/my", "images", "seed=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1
+    assert "data.root='/data/my images'" in err[0] and "quotes: 'data.root=/data/my images'" in err[0]
 
 
 def test_bad_config_catalogue_each_one_line_and_exit_2(tmp_path, capsys):
@@ -312,3 +382,47 @@ def test_resume_is_exact_with_drop_path_using_the_global_random_stream(tmp_path,
     resumed = pretrain(compose("pretrain", run_args(folder, crashed, *extra, "resume=auto")))
     assert resumed.global_step == 24
     assert_same_weights(resumed.lightning_module.state_dict(), straight.lightning_module.state_dict())
+
+
+def test_a_second_run_on_a_live_run_folder_is_refused_until_the_first_dies(tmp_path, capsys):
+    """The lock is the one fit_run takes: held by a live process it refuses a fresh run and a resume (one line with
+    the owner's pid, exit 2); after a kill -9 of the owner the next run takes the folder."""
+    run_dir = tmp_path / "shared"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from mim_lightning.runlock import lock_run_dir; "
+         f"lock_run_dir({str(run_dir)!r}); print('locked', flush=True); sys.stdin.read()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ([], ["resume=auto"]):
+            with pytest.raises(SystemExit) as info:
+                run_or_exit(lambda e=extra: pretrain(compose("pretrain", tiny_overrides(run_dir, *e))))
+            err = capsys.readouterr().err.strip().splitlines()
+            assert info.value.code == 2 and len(err) == 1, err
+            assert f"run_dir='{run_dir}'" in err[0] and f"in use by a live run (pid {holder.pid} on " in err[0]
+        assert not (run_dir / "config.yaml").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock
+        holder.wait(timeout=30)
+    trainer = pretrain(compose("pretrain", tiny_overrides(run_dir)))
+    assert trainer.global_step > 0 and (run_dir / "config.yaml").exists()
+    from mim_lightning.runlock import lock_run_dir, unlock_run_dir
+
+    assert lock_run_dir(run_dir)  # given back at the end of the run (a sweep's next job may take it)
+    unlock_run_dir(run_dir)
+
+
+def test_ckpt_path_of_another_method_or_size_is_one_line_naming_the_difference(tmp_path, capsys):
+    first = tmp_path / "mae"
+    pretrain(compose("pretrain", tiny_overrides(first, "trainer.max_steps=2")))
+    ckpt = first / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    for extra, text in ((["method=simmim", "mask.unit=8"], "holds a method=mae model, this run is method=simmim"),
+                        (["backbone.embed_dim=64"], "holds a backbone=vit_test model, this run is backbone=vit_test "
+                                                    "(embed_dim 32 vs 64)")):
+        with pytest.raises(SystemExit) as info:
+            run_or_exit(lambda e=extra: pretrain(compose("pretrain", tiny_overrides(
+                tmp_path / "other", f"ckpt_path={ckpt}", "resume_force=true", *e))))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2, err
+        assert len(err) == 1 and f"ckpt_path='{ckpt}'" in err[0] and text in err[0], err

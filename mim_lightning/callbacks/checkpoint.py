@@ -198,13 +198,17 @@ class SeedPerRank(Callback):
 
 
 class StopOnSignal(Callback):
-    """Treat SIGUSR1 like SIGTERM: finish the current batch, save ``last.ckpt`` and stop cleanly.
+    """Treat SIGUSR1 and Ctrl-C (SIGINT) like SIGTERM: finish the current batch, save ``last.ckpt`` and stop
+    cleanly (the entry points then exit 0 with the resume command).
 
     Lightning already does this for SIGTERM, and under SLURM with auto-requeue it handles SIGUSR1
-    itself (saving an ``hpc_ckpt`` and requeueing); this callback covers SIGUSR1 everywhere else.
+    itself (saving an ``hpc_ckpt`` and requeueing); this callback covers SIGUSR1 everywhere else. Lightning
+    would turn Ctrl-C into ``KeyboardInterrupt`` and exit 1; here the first Ctrl-C stops after the batch and puts
+    the previous handler back, so a second one interrupts at once. DataLoader workers forked after the handler is
+    set inherit it, so a terminal's Ctrl-C (sent to the whole process group) does not kill them.
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGINT")) -> None:
         self.signals = tuple(signals)
         self._previous: dict[int, Any] = {}
 
@@ -215,13 +219,15 @@ class StopOnSignal(Callback):
         for name in self.signals:
             signum = getattr(signal, name)
             current = signal.getsignal(signum)
-            if current not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            if current not in (signal.SIG_DFL, signal.SIG_IGN, None, signal.default_int_handler):
                 continue  # someone (Lightning's SLURM requeue) handles it already
             self._previous[signum] = current
 
-            def handler(received: int, frame: Any, connector=connector) -> None:
+            def handler(received: int, frame: Any, connector=connector, previous=current) -> None:
                 rank_zero_info(f"[mim_lightning] received {signal.Signals(received).name}: stopping after this batch")
                 connector.received_sigterm = True
+                if received == signal.SIGINT:
+                    signal.signal(received, previous)  # a second Ctrl-C interrupts at once
 
             signal.signal(signum, handler)
 

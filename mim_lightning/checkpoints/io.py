@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from mim_lightning.errors import DiskFullError
 
 #: Temporary files of an unfinished save: ``.<final name>.<8 random characters>.tmp`` (the same form
 #: ``tempfile.mkstemp`` gave earlier versions, so their leftovers match too).
@@ -23,7 +26,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     old complete checkpoint or the new complete one. Files and folders get the permissions of a plain
     ``open()`` / ``mkdir``: ``0o666`` / ``0o777`` less the umask (``0o644`` / ``0o755`` with umask 022).
     A save killed before the rename leaves a ``TEMP_PATTERN`` file, which :func:`remove_temp_files`
-    deletes at the next run's start.
+    deletes at the next run's start. A full disk (``ENOSPC``, also inside torch's ``RuntimeError``) raises
+    :class:`~mim_lightning.errors.DiskFullError` with one line naming the file; the old checkpoint stays.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
@@ -38,10 +42,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 stream.flush()
                 os.fsync(stream.fileno())
             os.replace(tmp_name, target)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp_name).unlink(missing_ok=True)
+            if isinstance(exc, (OSError, RuntimeError)) and disk_full(exc, target.parent):
+                raise DiskFullError(errno.ENOSPC, full_disk_message(target)) from exc
             raise
         _fsync_folder(target.parent)  # the rename itself survives a power loss
+
+
+#: errno values of a full disk or an exhausted quota.
+FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write was a full disk: an ``ENOSPC``/``EDQUOT`` OSError in the exception's chain, or torch's
+    zip writer failing (``unexpected pos ...``, ``failed writing``; it wraps the OSError in a RuntimeError) while
+    the folder's disk has less than 64 MiB free."""
+    import shutil
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in FULL_ERRNOS or "No space left on device" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in text or "failed writing" in text):
+        try:
+            return shutil.disk_usage(folder).free < 64 * 2**20
+        except OSError:
+            return False
+    return False
+
+
+def full_disk_message(target: Path) -> str:
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(target.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return (f"cannot write checkpoint {target}: the disk is full (No space left on device; {free}). The checkpoints "
+            "written before are intact; free space (or set callbacks.checkpoint.dirpath to another disk), then "
+            "continue with resume=auto")
 
 
 def _create_temp(target: Path) -> tuple[int, str]:

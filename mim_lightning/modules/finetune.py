@@ -187,12 +187,19 @@ class FinetuneModule(LearningRateRecipe, NonFinitePolicy, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_nonfinite()  # never write weights that went through a non-finite step
+        self.check_weights_finite()
         state = checkpoint.setdefault("mim_lightning", {})
         state["val_top1_history"] = list(self.val_top1_history)
         state["skipped_steps"] = self.skipped_steps
+        state["num_classes"] = self.num_classes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("mim_lightning") or {}
+        stored = state.get("num_classes", (checkpoint.get("hyper_parameters") or {}).get("num_classes"))
+        if stored is not None and int(stored) != self.num_classes:  # before Lightning loads the head's weights
+            raise ConfigError("num_classes", self.num_classes, f"{stored}, the class count of the run resumed "
+                              "(or a new run_dir for another class list)",
+                              f"the checkpoint's head has {stored} classes, this run {self.num_classes}")
         self.val_top1_history = [(int(e), float(v)) for e, v in state.get("val_top1_history") or []]
         self.skipped_steps = int(state.get("skipped_steps", 0))
 
@@ -237,9 +244,20 @@ class FinetuneModule(LearningRateRecipe, NonFinitePolicy, pl.LightningModule):
 # --------------------------------------------------------------------------- from a composed config
 
 
+def check_num_classes(given: Any, found: int | None = None) -> None:
+    """``num_classes`` is an integer >= 2 and, when the class folders are known, their count (``found``)."""
+    if isinstance(given, bool) or not isinstance(given, int) or given < 2:
+        raise ConfigError("num_classes", given, "null (the number of class sub-folders) or an integer >= 2",
+                          "a classifier needs at least 2 classes")
+    if found is not None and given != found:
+        raise ConfigError("num_classes", given, f"null or {found}", f"data.root has {found} class sub-folders "
+                          "(the labels are their indices)")
+
+
 def count_classes(cfg: DictConfig) -> int:
     """``num_classes``, or the number of class sub-folders of the labelled source."""
     if cfg.get("num_classes") is not None:
+        check_num_classes(cfg.num_classes)
         return int(cfg.num_classes)
     from mim_lightning.data.classification import labelled_source
 

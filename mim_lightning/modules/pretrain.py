@@ -130,6 +130,7 @@ class PretrainModule(LearningRateRecipe, NonFinitePolicy, pl.LightningModule):
         from lightning.pytorch.loggers import WandbLogger
 
         self.check_nonfinite()  # never write weights that went through a non-finite step
+        self.check_weights_finite()
 
         state: dict[str, Any] = {"skipped_steps": self.skipped_steps, **self.encoder_record()}
         for logger in self.trainer.loggers if self._trainer is not None else []:

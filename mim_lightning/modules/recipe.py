@@ -8,8 +8,9 @@ schedule (linear warm-up from ``warmup_start`` over ``warmup_epochs``/``warmup_s
 :class:`NonFinitePolicy`: ``on_nonfinite=stop`` tests the loss and the gradient norm on the device every step and
 reads the flag (one host-device sync) every ``nonfinite_check_every_n_steps`` steps, before every checkpoint and at
 the end of each epoch, raising :class:`~mim_lightning.errors.NonFiniteLossError` that names the first bad step;
-``skip`` drops such steps (counted in ``train/skipped_steps``), which needs a sync every step. Both log
-``train/grad_norm``.
+``skip`` drops such steps (counted in ``train/skipped_steps``; a skipped step logs no ``train/loss`` or
+``train/grad_norm``), which needs a sync every step, and stops when the weights themselves are no longer finite
+(checked when a step is skipped and before every checkpoint). Both log ``train/grad_norm``.
 
 A module mixing them in sets ``lr_config``, ``batch_size``, ``lr_key`` (the config key its errors name, e.g.
 ``method.lr``) and ``model`` (whose gradients are checked), and calls :meth:`NonFinitePolicy.init_nonfinite`.
@@ -38,6 +39,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 #: What a recorded non-finite value was (index stored on the device).
 NONFINITE_KINDS = ("training loss", "gradient norm")
 _NO_STEP = torch.iinfo(torch.long).max
+#: Per-step metrics a skipped step must not log with the values of an earlier step.
+STEP_METRICS = ("train/loss", "train/grad_norm")
 
 
 def lr_recipe(lr: Any, defaults: dict[str, Any], key: str) -> dict[str, Any]:
@@ -143,8 +146,35 @@ class NonFinitePolicy:
         return bool(finite.item())
 
     def _skip(self) -> None:
+        """Count a dropped step, forget this epoch's last ``train/loss`` / ``train/grad_norm`` (Lightning would log
+        them again for this step) and stop if the weights are no longer finite."""
         self.skipped_steps += 1
         self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
+        results = getattr(self.trainer, "_results", None)
+        for item in (results.values() if results is not None else ()):
+            if getattr(item.meta, "name", None) in STEP_METRICS:
+                item.reset()  # not logged again until the next self.log of it
+        self.check_weights_finite()
+
+    def check_weights_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a parameter holds NaN/inf on any rank (one host sync; called when a
+        step is skipped and before every checkpoint): ``on_nonfinite=skip`` cannot save a diverged run."""
+        params = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in self.model.named_parameters()]
+        params = [(name, p) for name, p in params if p.numel() and p.is_floating_point()]
+        if not params:
+            return
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params])
+        bad = (~finite).sum().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if float(bad.item()) == 0:
+            return
+        mine = [name for (name, _), ok in zip(params, finite.tolist()) if not ok]
+        first = f", first {mine[0]}" if mine else " (on another rank)"
+        raise NonFiniteLossError(
+            f"the weights are no longer finite at step {self.global_step} ({int(bad.item())} parameter tensors hold "
+            f"NaN/inf{first}; {self.skipped_steps} steps skipped so far): training diverged and no checkpoint is "
+            f"written from here. Lower {self.lr_key}.base, set trainer.gradient_clip_val or use bf16 instead of fp16.")
 
     def keep_step(self, loss: torch.Tensor) -> bool:
         """Whether the training step goes on with ``loss``: ``skip`` drops a non-finite one (the step returns None,
