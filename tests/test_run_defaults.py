@@ -188,7 +188,8 @@ def test_resume_restores_the_run_refuses_changes_and_keeps_the_record(tmp_path, 
     assert (run / "config.resume-2.yaml").is_file()
 
 
-def test_resume_of_a_moved_run_folder_writes_into_the_new_folder(tmp_path, image_folder):
+@pytest.mark.parametrize("how", ["move", "copy"])
+def test_resume_of_a_moved_or_copied_run_folder_writes_into_the_new_folder(tmp_path, image_folder, how):
     import shutil
 
     import torch
@@ -196,10 +197,13 @@ def test_resume_of_a_moved_run_folder_writes_into_the_new_folder(tmp_path, image
     old = tmp_path / "old"
     assert cli(*TINY, f"data.root={image_folder}", "trainer.max_steps=2", f"run_dir={old}", cwd=tmp_path).returncode == 0
     new = tmp_path / "moved"
-    shutil.move(str(old), str(new))
+    if how == "move":
+        shutil.move(str(old), str(new))
+    else:  # cp -a: the original stays, the copy continues
+        shutil.copytree(old, new, symlinks=True)
     result = cli("resume=auto", f"run_dir={new}", "trainer.max_steps=3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not old.exists()
+    assert old.exists() == (how == "copy")
     assert torch.load(new / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
     assert not list((new / "checkpoints").glob("last-v*.ckpt"))
 
