@@ -182,3 +182,16 @@ def fashion_mnist_raw(tmp_path) -> Path:
     write_idx_split(root, "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60, seed=0)
     write_idx_split(root, "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 20, seed=1)
     return root
+
+
+def make_datamodule(source, batch_size: int = 4, val_fraction: float = 0.1, **kwargs):
+    """A set-up ``PretrainDataModule`` over ``source`` at 32 px with MAE's mask (tiny, no workers, seed 0)."""
+    from mim_lightning.data import PretrainDataModule
+    from mim_lightning.masking import RandomMask
+
+    options = dict(image_size=32, batch_size=batch_size, num_workers=0, val_fraction=val_fraction, seed=0,
+                   mask_generator=RandomMask(32, 8, 0.75))
+    options.update(kwargs)
+    dm = PretrainDataModule(source, **options)
+    dm.setup("fit")
+    return dm

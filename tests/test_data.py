@@ -4,21 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from mim_lightning.data import ClassFolderSource, DemoSource, ImageFolderSource, PretrainDataModule
+from mim_lightning.data import ClassFolderSource, DemoSource, ImageFolderSource
 from mim_lightning.data.sampler import EpochIndexSampler
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import RandomMask
 
-from conftest import write_images
+from conftest import make_datamodule, write_images
 
 
 def make_dm(source, **kwargs):
-    options = dict(image_size=32, batch_size=4, num_workers=0, val_fraction=0.1, seed=0,
-                   mask_generator=RandomMask(32, 8, 0.75))
-    options.update(kwargs)
-    dm = PretrainDataModule(source, **options)
-    dm.setup("fit")
-    return dm
+    return make_datamodule(source, **{"batch_size": 4, "val_fraction": 0.1, **kwargs})
 
 
 def test_folder_source_is_recursive_and_skips_non_images(image_folder):

@@ -22,9 +22,8 @@ from mim_lightning.data.datasets import ImageDataset, NoReadableImagesError
 from mim_lightning.data.shards import INDEX, resolve_shards, write_shards
 from mim_lightning.data.sources import NotARegularFile, Sample, find_images
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import RandomMask
 
-from conftest import REPO, tiny_overrides, write_images
+from conftest import REPO, make_datamodule, tiny_overrides, write_images
 
 
 @contextlib.contextmanager
@@ -43,12 +42,7 @@ def deadline(seconds: int):
 
 
 def make_dm(source, **kwargs) -> PretrainDataModule:
-    options = dict(image_size=32, batch_size=2, num_workers=0, val_fraction=0.0, seed=0,
-                   mask_generator=RandomMask(32, 8, 0.75))
-    options.update(kwargs)
-    dm = PretrainDataModule(source, **options)
-    dm.setup("fit")
-    return dm
+    return make_datamodule(source, **{"batch_size": 2, "val_fraction": 0.0, **kwargs})
 
 
 def epoch(dm: PretrainDataModule) -> list[int]:

@@ -19,9 +19,8 @@ from mim_lightning.data import ClassFolderSource, ImageFolderSource, PretrainDat
 from mim_lightning.data.split import held_out_count, split_train_val
 from mim_lightning.data.sources import Sample
 from mim_lightning.errors import ConfigError
-from mim_lightning.masking import RandomMask
 
-from conftest import REPO, tiny_overrides, write_images
+from conftest import REPO, make_datamodule, tiny_overrides, write_images
 
 DESCRIBE_KEYS = {"source", "demo", "images", "train", "val", "classes", "skipped", "repeat"}
 FT_TINY = ["backbone=vit_test", "data.image_size=32", "data.batch_size=4", "data.num_workers=0", "trainer=cpu",
@@ -29,12 +28,7 @@ FT_TINY = ["backbone=vit_test", "data.image_size=32", "data.batch_size=4", "data
 
 
 def make_dm(source, **kwargs) -> PretrainDataModule:
-    options = dict(image_size=32, batch_size=2, num_workers=0, val_fraction=0.01, seed=0,
-                   mask_generator=RandomMask(32, 8, 0.75))
-    options.update(kwargs)
-    dm = PretrainDataModule(source, **options)
-    dm.setup("fit")
-    return dm
+    return make_datamodule(source, **{"batch_size": 2, "val_fraction": 0.01, **kwargs})
 
 
 def classes(root: Path, names: list[str], per_class: int) -> Path:
