@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from mim_lightning import ConfigError, build_finetune_datamodule, build_finetune_module, compose, finetune
 from mim_lightning.models.classifiers.vit import ViTBuilder, vit_layer_id
@@ -356,6 +357,43 @@ def test_itpn_finetune_rescales_the_decay_and_keeps_the_pretrained_features(labe
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():  # relative position tables start at zero, so the features are the pretrained ones
         torch.testing.assert_close(module.model.eval().encoder(images), pre.encoder(images))
+
+
+def nan_at_second_step(monkeypatch) -> None:
+    """The training criterion returns NaN at its second call (validation uses F.cross_entropy, untouched)."""
+    original, calls = nn.CrossEntropyLoss.forward, {"n": 0}
+
+    def forward(self, logits, targets):
+        calls["n"] += 1
+        loss = original(self, logits, targets)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", forward)
+
+
+PLAIN_CE = ["finetune.mixup=0", "finetune.cutmix=0", "finetune.smoothing=0", "trainer.max_steps=4"]
+
+
+def test_finetuning_skips_a_nonfinite_step_with_on_nonfinite_skip(labelled, tmp_path, monkeypatch):
+    nan_at_second_step(monkeypatch)
+    run_dir = tmp_path / "skip"
+    trainer = finetune(ft_cfg(labelled, run_dir, *PLAIN_CE, "on_nonfinite=skip"))
+    assert trainer.lightning_module.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+    rows = read_metrics(run_dir)
+    # the skipped step's row holds the count, and no loss, lr or gradient norm of an earlier step
+    assert {int(r["step"]) for r in rows if r.get("finetune/train_loss")} == {0, 2, 3}
+    assert {int(r["step"]) for r in rows if r.get("train/lr")} == {0, 2, 3}
+    assert {int(r["step"]) for r in rows if r.get("train/grad_norm")} == {0, 2, 3}
+    assert [float(r["train/skipped_steps"]) for r in rows if r.get("train/skipped_steps")] == [1.0]
+
+
+def test_finetuning_stops_at_a_nonfinite_loss_naming_the_step(labelled, tmp_path, monkeypatch):
+    from mim_lightning.errors import NonFiniteLossError
+
+    nan_at_second_step(monkeypatch)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 1.*finetune\.lr\.base"):
+        finetune(ft_cfg(labelled, tmp_path / "stop", *PLAIN_CE, "nonfinite_check_every_n_steps=1"))
 
 
 def test_ema_of_the_weights_is_what_the_run_ends_with(labelled, pretrained_ckpt, tmp_path):

@@ -39,8 +39,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 #: What a recorded non-finite value was (index stored on the device).
 NONFINITE_KINDS = ("training loss", "gradient norm")
 _NO_STEP = torch.iinfo(torch.long).max
-#: Per-step metrics a skipped step must not log with the values of an earlier step.
-STEP_METRICS = ("train/loss", "train/grad_norm")
+#: The hooks whose per-step metrics a skipped step must not log again with the values of an earlier step.
+STEP_HOOKS = ("training_step", "on_before_optimizer_step")
 
 
 def lr_recipe(lr: Any, defaults: dict[str, Any], key: str) -> dict[str, Any]:
@@ -146,13 +146,15 @@ class NonFinitePolicy:
         return bool(finite.item())
 
     def _skip(self) -> None:
-        """Count a dropped step, forget this epoch's last ``train/loss`` / ``train/grad_norm`` (Lightning would log
+        """Count a dropped step, forget the last per-step values of the training step and the gradient norm
+        (``train/loss``, its terms, ``finetune/train_loss``, ``train/lr``, ``train/grad_norm``: Lightning would log
         them again for this step) and stop if the weights are no longer finite."""
         self.skipped_steps += 1
         self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
         results = getattr(self.trainer, "_results", None)
         for item in (results.values() if results is not None else ()):
-            if getattr(item.meta, "name", None) in STEP_METRICS:
+            meta = item.meta
+            if meta.fx in STEP_HOOKS and meta.on_step and not meta.on_epoch and meta.name != "train/skipped_steps":
                 item.reset()  # not logged again until the next self.log of it
         self.check_weights_finite()
 
