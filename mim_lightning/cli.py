@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mim_lightning.config import (GROUPS, as_config_error, check_group_choices, compose, group_options,
-                                  normalize_overrides, with_default_experiment)
+                                  normalize_overrides, searchpath_override, with_default_experiment,
+                                  with_pretrained_encoder)
 from mim_lightning.errors import ConfigError
 
 EXIT_CONFIG_ERROR = 2
@@ -97,28 +98,26 @@ def precheck(app: str, argv: list[str]) -> None:
         fail(str(error), EXIT_CONFIG_ERROR)
 
 
+def _with_added(argv: list[str], expand) -> list[str]:
+    """``argv`` with the overrides that ``expand(overrides) -> [*added, *overrides]`` prepends, put among the other
+    overrides (argparse wants them together: "-m a=1 b=2"), else last (after "--cfg job"); ``expand`` runs once."""
+    overrides = _overrides(argv)
+    expanded = expand(overrides)
+    added = expanded[: len(expanded) - len(overrides)]
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(argv))
+    return [*argv[:at], *added, *argv[at:]]
+
+
 def prepare_argv(app: str, argv: list[str]) -> list[str]:
     """Normalize ``group=null``, add the demo experiment where it applies, and check choices and keys."""
-    argv = normalize_overrides(argv, app)
-    overrides = _overrides(argv)
-    added = with_default_experiment(app, overrides)[: len(with_default_experiment(app, overrides)) - len(overrides)]
-    # among the other overrides (argparse wants them together: "-m a=1 b=2"), else last (after "--cfg job")
-    at = next((i for i, a in enumerate(argv) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(argv))
-    argv = [*argv[:at], *added, *argv[at:]]
+    argv = _with_added(normalize_overrides(argv, app), lambda overrides: with_default_experiment(app, overrides))
     if not _is_multirun(argv):  # finetuning a project checkpoint: its method and backbone unless given
-        from mim_lightning.config import with_pretrained_encoder
-
-        overrides = _overrides(argv)
         try:
-            stored = with_pretrained_encoder(app, overrides)[: len(with_pretrained_encoder(app, overrides)) - len(overrides)]
+            argv = _with_added(argv, lambda overrides: with_pretrained_encoder(app, overrides))
         except ConfigError as error:
             fail(str(error), EXIT_CONFIG_ERROR)
-        at = next((i for i, a in enumerate(argv) if not a.startswith("-") and ("=" in a or a.startswith("~"))), len(argv))
-        argv = [*argv[:at], *stored, *argv[at:]]
     check_argv(argv, app)
     precheck(app, argv)
-    from mim_lightning.config import searchpath_override
-
     return [*argv, *searchpath_override()] if not any(a.startswith("hydra.searchpath") for a in argv) else argv
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,12 +206,6 @@ def _key_error(message: str, config_name: str, overrides: Sequence[str]) -> Conf
     return ConfigError(key, value, f"an existing key ({hint}); add a new key with +{key}=...", problem)
 
 
-def _flatten(node: Any, prefix: str) -> list[tuple[str, Any]]:
-    if isinstance(node, Mapping):
-        return [item for key, value in node.items() for item in _flatten(value, f"{prefix}.{key}")]
-    return [(prefix, node)]
-
-
 def with_pretrained_encoder(config_name: str, overrides: Sequence[str]) -> list[str]:
     """Finetuning from a pretraining checkpoint of this project: the method (``finetune=``) and the backbone it
     stores are added unless given; a given ``method=`` of another method is a one-line :class:`ConfigError`.
@@ -224,6 +218,7 @@ def with_pretrained_encoder(config_name: str, overrides: Sequence[str]) -> list[
     if not path or "," in path:
         return overrides
     from mim_lightning.checkpoints.pretrained import stored_encoder
+    from mim_lightning.resume import flatten
 
     stored = stored_encoder(path)
     if stored is None:
@@ -237,8 +232,8 @@ def with_pretrained_encoder(config_name: str, overrides: Sequence[str]) -> list[
     if "backbone" not in values and backbone and backbone.get("name") in group_options("backbone"):
         added.append(f"backbone={backbone['name']}")
         declared = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "backbone" / f"{backbone['name']}.yaml"))
-        known = dict(_flatten(declared, "backbone"))
-        for key, value in _flatten(backbone, "backbone"):
+        known = flatten(declared, "backbone.")
+        for key, value in flatten(backbone, "backbone.").items():
             if key not in values and known.get(key, object()) != value:
                 added.append(f"++{key}={json.dumps(value) if not isinstance(value, str) else value}")
     return [*added, *overrides]

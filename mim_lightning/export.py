@@ -44,17 +44,14 @@ from mim_lightning.errors import ConfigError
 
 def _classifier_export(config: Mapping[str, Any]):
     """The export function of a finetuning checkpoint's classifier builder (``finetune.classifier._target_``)."""
-    import importlib
+    from hydra.utils import get_class
 
     target = ((config.get("finetune") or {}).get("classifier") or {})
     target = target.get("_target_") if isinstance(target, Mapping) else None
-    builder = None
-    if target:
-        module, _, name = str(target).rpartition(".")
-        try:
-            builder = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            builder = None
+    try:
+        builder = get_class(str(target)) if target else None
+    except Exception:  # noqa: BLE001 - a class that no longer exists has no export either
+        builder = None
     export_fn = getattr(builder, "export", None)
     if export_fn is None:
         raise ConfigError("ckpt", f"a finetuning checkpoint of {target or 'an older classifier'}",

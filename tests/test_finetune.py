@@ -455,6 +455,14 @@ def simmim_vit(tmp_path_factory):
     return model, project_checkpoint(tmp_path_factory.mktemp("simmim_vit") / "simmim_vit.ckpt", cfg, model)
 
 
+def test_pretrained_alone_picks_the_stored_method_and_backbone_with_its_changed_sizes(labelled, simmim_vit, tmp_path):
+    _, ckpt = simmim_vit  # pretrained with backbone=vit_test backbone.depth=2
+    rest = [a for a in TINY if not a.startswith("backbone=")] + [f"data.root={labelled}", f"run_dir={tmp_path}"]
+    cfg = compose("finetune", [*rest, f"pretrained={ckpt}"])
+    assert cfg.finetune.method == "simmim" and cfg.backbone.name == "vit_test" and cfg.backbone.depth == 2
+    assert compose("finetune", [*rest, f"pretrained={ckpt}", "backbone.depth=3"]).backbone.depth == 3  # given wins
+
+
 def test_simmim_vit_finetunes_with_a_copy_of_the_shared_table_in_every_block(labelled, simmim_vit, tmp_path):
     pre, ckpt = simmim_vit
     cfg = ft_cfg(labelled, tmp_path, "method=simmim", "backbone.depth=2", f"pretrained={ckpt}",

@@ -110,12 +110,12 @@ def spec_for_target(target: str, key: str = "method.model._target_") -> MethodSp
     """The spec whose model class is ``target`` (an import path; the module is imported so that it registers)."""
     found = _lookup(str(target))
     if found is None:
-        module = str(target).rpartition(".")[0]
         try:
-            importlib.import_module(module)
+            importlib.import_module(str(target).rpartition(".")[0])
         except ImportError:
-            pass
-        found = _lookup(str(target)) or (_import_builtin() or _lookup(str(target)))
+            pass  # an old class path: a built-in method's alias may name it
+        _import_builtin()
+        found = _lookup(str(target))
     if found is None:
         raise ConfigError(key, target, "the model class of a registered method (" +
                           ", ".join(s.name for s in all_specs()) + ")", "no method spec for this model")
