@@ -94,7 +94,7 @@ class FinetuneModule(LearningRateRecipe, NonFinitePolicy, pl.LightningModule):
             optimizer = probe.get("optimizer", "lars")
             weight_decay, lr, layer_decay = float(probe.get("weight_decay", 0.0)), probe.get("lr"), 1.0
         else:
-            layer_decay = classifier.effective_decay(layer_decay)
+            layer_decay = float(layer_decay) ** self.classifier.decay_power
         self.model = model
         # decided before a strategy (FSDP) flattens every parameter to 1-D
         self._one_dim = {unwrapped_name(n) for n, p in model.named_parameters() if p.ndim <= 1}

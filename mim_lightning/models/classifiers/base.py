@@ -29,7 +29,8 @@ class Classifier:
     ending with ``allowed_missing_suffixes``) may be absent, keys starting with ``ignored_unexpected`` are
     dropped; relative position tables of another window are resized with ``rel_pos_mode`` (``geometric``: SimMIM;
     ``bicubic``: MixMIM), keeping ``rel_pos_extra_rows`` trailing cls rows (BEiT-style tables); ``grid`` is the
-    classifier's token grid (for position-embedding resizing)."""
+    classifier's token grid (for position-embedding resizing). ``decay_power``: the layer decay used is
+    ``layer_decay ** decay_power`` (iTPN rescales it to a 12-block depth)."""
 
     model: nn.Module
     head: nn.Module
@@ -44,6 +45,7 @@ class Classifier:
     key_map: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     rel_pos_mode: str = "geometric"
     rel_pos_extra_rows: int = 0
+    decay_power: float = 1.0
 
 
 def init_head(linear: nn.Linear, std: float) -> None:
@@ -63,7 +65,7 @@ class ClassifierBuilder:
     """Base of the classifier builders: checks the backbone family and the probe feature.
 
     Subclasses set ``family`` (the backbone family they are built from) and ``probe_features`` and implement
-    :meth:`build`; ``effective_decay`` may rescale the layer decay (iTPN); ``export`` (a static method taking the
+    :meth:`build`; ``export`` (a static method taking the
     classifier's state without the head and the run config) makes finetuning checkpoints exportable."""
 
     family: ClassVar[str] = ""
@@ -94,9 +96,6 @@ class ClassifierBuilder:
 
     def head_std(self, probe: Mapping[str, Any] | None) -> float:
         return float(probe.get("head_init_std", 0.01)) if probe is not None else self.head_init_std
-
-    def effective_decay(self, layer_decay: float) -> float:
-        return float(layer_decay)
 
     def build(self, num_classes: int, probe: Mapping[str, Any] | None = None) -> Classifier:
         raise NotImplementedError

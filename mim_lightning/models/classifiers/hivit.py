@@ -62,7 +62,6 @@ class HiViTBuilder(ClassifierBuilder):
                  head_init_std: float = 2e-5, layer_scale_init: float | None = None) -> None:
         super().__init__(backbone, img_size, drop_path, head_init_std)
         self.layer_scale_init = None if layer_scale_init is None else float(layer_scale_init)
-        self._num_layers: int | None = None
 
     def build(self, num_classes: int, probe: Mapping[str, Any] | None = None) -> Classifier:
         from mim_lightning.models.backbones.hivit import PatchMerge, hivit_from_spec
@@ -77,15 +76,10 @@ class HiViTBuilder(ClassifierBuilder):
             model.head = probe_head(model.num_features, model.head)
         merges = [i for i, block in enumerate(encoder.blocks) if isinstance(block, PatchMerge)]
         num_layers = len(encoder.blocks) - len(merges) + 1
-        self._num_layers = num_layers
         return Classifier(model, model.head, partial(hivit_layer_id, merge_blocks=merges, num_layers=num_layers),
                           num_layers, grid=encoder.grid, allowed_missing=("head.", "fc_norm."),
                           allowed_missing_suffixes=("relative_position_bias_table",),  # not in pixel checkpoints
                           no_weight_decay_keys=("absolute_pos_embed", "relative_position_bias_table"),
-                          key_map=lambda state: {"encoder." + k: v for k, v in state.items()})
-
-    def effective_decay(self, layer_decay: float) -> float:
-        """iTPN normalizes the decay to a 12-block ViT-B depth: ``decay ** (13 / num_layers)``."""
-        if self._num_layers is None:
-            raise RuntimeError("effective_decay needs build() first")
-        return float(layer_decay) ** (13.0 / self._num_layers)
+                          key_map=lambda state: {"encoder." + k: v for k, v in state.items()},
+                          # iTPN normalizes the decay to a 12-block ViT-B depth: decay ** (13 / num_layers)
+                          decay_power=13.0 / num_layers)
