@@ -21,6 +21,7 @@ from mim_lightning.checkpoints.io import AtomicCheckpointIO, checkpoint_problem
 from mim_lightning.instantiate import instantiate_checked, to_container
 from mim_lightning.errors import ConfigError
 from mim_lightning.masking import MaskGenerator
+from mim_lightning.runchecks import check_run_values, check_trainer_values
 
 
 def build_mask_generator(cfg: DictConfig) -> MaskGenerator | None:
@@ -113,24 +114,6 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 
 def build_loggers(cfg: DictConfig) -> list:
     return [instantiate_checked(node) for node in (cfg.get("logger") or {}).values() if node is not None]
-
-
-#: Trainer keys that must be integers, with their smallest allowed value (None is allowed where Lightning takes it).
-TRAINER_INT_KEYS = {"max_epochs": -1, "max_steps": -1, "accumulate_grad_batches": 1, "log_every_n_steps": 1,
-                    "num_nodes": 1, "check_val_every_n_epoch": 1, "num_sanity_val_steps": -1}
-
-
-def check_trainer_values(trainer_cfg: DictConfig) -> None:
-    """One-line errors for the Trainer values Lightning would reject with a bare TypeError or accept silently."""
-    for key, low in TRAINER_INT_KEYS.items():
-        value = trainer_cfg.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"trainer.{key}", value, f"an integer >= {low}")
-    clip = trainer_cfg.get("gradient_clip_val")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
-        raise ConfigError("trainer.gradient_clip_val", clip, "null (no clipping) or a number >= 0, e.g. 5.0")
 
 
 def build_trainer(cfg: DictConfig, **overrides) -> pl.Trainer:
@@ -265,8 +248,6 @@ def check_multirun_strategy(cfg: DictConfig) -> None:
 
 def pretrain(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the pretraining that ``cfg`` describes; returns the Trainer."""
-    from mim_lightning.runchecks import check_run_values
-
     check_run_values(cfg)
     check_multirun_strategy(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -354,8 +335,6 @@ def build_finetune_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 def finetune(cfg: DictConfig) -> pl.Trainer:
     """Run (or resume, with ``ckpt_path``) the finetuning or linear probing that ``cfg`` describes."""
-    from mim_lightning.runchecks import check_run_values
-
     check_run_values(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 

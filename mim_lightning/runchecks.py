@@ -52,6 +52,21 @@ def check_writable_folder(key: str, path: str | os.PathLike, what: str) -> None:
                           f"cannot write there: {reason}") from None
 
 
+#: Trainer keys that must be integers, with their smallest allowed value (None is allowed where Lightning takes it).
+TRAINER_INT_KEYS = {"max_epochs": -1, "max_steps": -1, "accumulate_grad_batches": 1, "log_every_n_steps": 1,
+                    "num_nodes": 1, "check_val_every_n_epoch": 1, "num_sanity_val_steps": -1}
+
+
+def check_trainer_values(trainer_cfg: DictConfig) -> None:
+    """One-line errors for the Trainer values Lightning would reject with a bare TypeError or accept silently."""
+    for key, low in TRAINER_INT_KEYS.items():
+        if trainer_cfg.get(key) is not None:
+            check_int(f"trainer.{key}", trainer_cfg.get(key), low)
+    clip = trainer_cfg.get("gradient_clip_val")
+    if clip is not None and (not _is_number(clip) or clip < 0):
+        raise ConfigError("trainer.gradient_clip_val", clip, "null (no clipping) or a number >= 0, e.g. 5.0")
+
+
 def check_data_values(data: DictConfig | None) -> None:
     """``data.repeat``, ``data.hflip``, ``data.batch_size`` (the DataModule checks the rest)."""
     if data is None:
@@ -97,8 +112,6 @@ def check_callback_values(cfg: DictConfig) -> None:
 def check_run_values(cfg: DictConfig, folders: bool = True) -> None:
     """Every check of this module: the Trainer's integer and clipping values, and (``folders``) that the run
     folder and ``MIM_LIGHTNING_CACHE`` can be written (created if missing)."""
-    from mim_lightning.api import check_trainer_values
-
     check_seed(cfg.get("seed"))
     check_trainer_values(cfg.trainer)
     check_data_values(cfg.get("data"))
