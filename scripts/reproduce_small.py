@@ -1,12 +1,14 @@
 """Small-scale evidence that masked image modeling helps, on a CPU: Fashion-MNIST at 32px.
 
-For each method (MAE, SimMIM, MixMAE, iTPN-pixel) and each seed:
+First, per encoder family (ViT, Swin, HiViT), the finetune budget (epochs, lr) is chosen on a held-out slice of
+the train split outside the labelled subset: a small grid finetuned from scratch, best held-out top-1 (the test
+split is never used to choose). Then, for each method (MAE, SimMIM, MixMAE, iTPN-pixel) and each seed:
 
 1. pretrain a small encoder on the 60k train images without labels (``python -m mim_lightning.train`` with
    ``data=fashion_mnist``),
 2. finetune it on a class-stratified labelled subset of train (5% = 3k images by default) and
 3. linear-probe it on the same subset (frozen encoder, the method's probe recipe),
-4. finetune the same classifier from random initialisation with the same recipe and budget (the baseline),
+4. finetune the same classifier from random initialisation with the same recipe and chosen budget (the baseline),
 
 and report the top-1 accuracy on the 10k test images (mean ± std over the seeds). Every stage is an ordinary
 ``mim_lightning.api.pretrain`` / ``finetune`` run composed from ``conf/`` with the overrides below, so the numbers
@@ -76,16 +78,21 @@ class Method:
     backbone: list[str]
     pretrain: list[str] = field(default_factory=list)
     finetune: list[str] = field(default_factory=list)
+    #: The encoder family, the unit of the finetune-budget selection (one budget per family).
+    family: str = ""
 
 
 METHODS = {
-    "mae": Method("mae", "MAE", VIT, ["mask.ratio=0.75"]),
+    "mae": Method("mae", "MAE", VIT, ["mask.ratio=0.75"], family="vit"),
     "simmim": Method("simmim", "SimMIM", SWIN, ["method.model.window_size=4", "mask.unit=8", "mask.ratio=0.6"],
-                     ["finetune.classifier.window_size=4"]),
+                     ["finetune.classifier.window_size=4"], family="swin"),
     "mixmae": Method("mixmae", "MixMAE", SWIN, ["method.model.window_size=[8,8,4]"],
-                     ["finetune.classifier.window_size=[8,8,4]"]),
-    "itpn": Method("itpn", "iTPN-pixel", HIVIT, ["mask.ratio=0.75"]),
+                     ["finetune.classifier.window_size=[8,8,4]"], family="swin"),
+    "itpn": Method("itpn", "iTPN-pixel", HIVIT, ["mask.ratio=0.75"], family="hivit"),
 }
+#: The classifier each family's budget is selected with (fixed, so that the choice does not depend on which
+#: methods one invocation runs).
+SELECTION_METHOD = {"vit": "mae", "swin": "simmim", "hivit": "itpn"}
 
 
 @dataclass
@@ -106,6 +113,17 @@ class Budget:
     # batch 16384 (0.1 x 16384 / 256 = 6.4) is used as is: scaled down to batch 128 by the /256 rule (0.05) the
     # head barely moves in a few hundred steps (measured: 18% vs 60% top-1 for MAE seed 0).
     probe_lr: float = 6.4
+    # The finetune budget is chosen per encoder family on a held-out slice of the train split (images outside the
+    # labelled subset, never the test split): the grid below, finetuned from scratch with seed 0, and the best
+    # held-out top-1 sets (epochs, lr) for the pretrained and the scratch runs of that family alike. Chosen for
+    # the scratch arm, so the baseline is the converged one.
+    select_epochs: list[int] = field(default_factory=lambda: [15, 40])
+    select_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3])
+    heldout_images: int = 5000
+    # The supervised ceiling: the family's classifier from scratch on all 60k train labels at the chosen lr, this
+    # many epochs (the chosen epochs are for 3k labels; 60k images per epoch need fewer), seed 0.
+    ceiling_epochs: int = 10
+    ceiling_fraction: float = 1.0
 
     @classmethod
     def full(cls) -> Budget:
@@ -114,7 +132,8 @@ class Budget:
     @classmethod
     def quick(cls) -> Budget:
         return cls(seeds=[0], pretrain_epochs=1, pretrain_fraction=0.02, finetune_epochs=1, probe_epochs=1,
-                   labelled_fraction=0.02, test_images=500)
+                   labelled_fraction=0.02, test_images=500, select_epochs=[1], select_lrs=[1e-3, 2e-3],
+                   heldout_images=200, ceiling_epochs=1, ceiling_fraction=0.05)
 
 
 def common_overrides(budget: Budget) -> list[str]:
@@ -131,8 +150,12 @@ def pretrain_overrides(method: Method, budget: Budget, seed: int, run_dir: Path,
 
 
 def downstream_overrides(method: Method, budget: Budget, seed: int, run_dir: Path, test_root: Path,
-                         kind: str, pretrained: Path | None, extra: list[str]) -> list[str]:
-    epochs = budget.probe_epochs if kind == "linear_probe" else budget.finetune_epochs
+                         kind: str, pretrained: Path | None, extra: list[str], epochs: int | None = None,
+                         lr: float | None = None) -> list[str]:
+    """One finetune / probe run; ``epochs`` and ``lr`` (finetune only) default to the budget's."""
+    if epochs is None:
+        epochs = budget.probe_epochs if kind == "linear_probe" else budget.finetune_epochs
+    lr = budget.finetune_lr if lr is None else lr
     overrides = [f"method={method.name}", *method.backbone, *common_overrides(budget), *method.finetune,
                  f"data.source.fraction={budget.labelled_fraction}", f"val_root={test_root}",
                  f"mode={'linear_probe' if kind == 'linear_probe' else 'finetune'}",
@@ -140,7 +163,7 @@ def downstream_overrides(method: Method, budget: Budget, seed: int, run_dir: Pat
                  f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={epochs}",
                  "finetune.mixup=0", "finetune.cutmix=0", "finetune.augment.auto_augment=null",
                  "finetune.augment.reprob=0", "finetune.augment.crop_pct=1.0", "+finetune.augment.scale=[0.5,1.0]",
-                 f"finetune.lr.value={budget.finetune_lr}", "finetune.lr.warmup_epochs=1",
+                 f"finetune.lr.value={lr}", "finetune.lr.warmup_epochs=1",
                  "finetune.linear_probe.lr.warmup_epochs=1", f"finetune.linear_probe.lr.value={budget.probe_lr}",
                  "callbacks.checkpoint.every_n_train_steps=100000",
                  f"seed={seed}", f"run_dir={run_dir}"]
@@ -168,6 +191,40 @@ def test_folder(work_dir: Path, raw_dir: str, test_images: int | None) -> Path:
             link.symlink_to(sample.path)
     (subset / ".complete").write_text("done\n")
     return subset
+
+
+def heldout_folder(work_dir: Path, raw_dir: str, labelled_fraction: float, images: int) -> Path:
+    """A class-stratified slice of the train split outside the labelled subset (symlinks): the budget selection's
+    validation set, so that the test split is never used to choose."""
+    from mim_lightning.data.fashion_mnist import FashionMNISTSource, export_split, stratified_subset
+    from mim_lightning.data.sources import ClassFolderSource
+
+    folder = work_dir / f"heldout_{labelled_fraction:g}_{images}"
+    if (folder / ".complete").is_file():
+        return folder
+    labelled = {s.path for s in FashionMNISTSource(raw_dir=raw_dir, fraction=labelled_fraction).samples()} \
+        if labelled_fraction < 1 else set()
+    rest = [s for s in ClassFolderSource(str(export_split(raw_dir, "train"))).samples() if s.path not in labelled]
+    if not rest:
+        raise SystemExit("the labelled subset is the whole train split: no images are left for a held-out slice")
+    for sample in stratified_subset(rest, min(1.0, images / len(rest)), seed=1):
+        link = folder / Path(sample.path).parent.name / Path(sample.path).name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(sample.path)
+    (folder / ".complete").write_text("done\n")
+    return folder
+
+
+def select_budget(results: list[dict], family: str, budget: Budget) -> tuple[int, float]:
+    """The (epochs, lr) of ``family`` with the best held-out top-1 among the grid's selection runs; ties go to
+    fewer epochs, then the smaller lr. Raises when a grid point has not run."""
+    scores = {(r["epochs"], r["lr"]): r["top1"] for r in results if r["kind"] == "select" and r["family"] == family}
+    grid = [(e, lr) for e in budget.select_epochs for lr in budget.select_lrs]
+    missing = [point for point in grid if point not in scores]
+    if missing:
+        raise RuntimeError(f"budget selection for {family}: no held-out result for (epochs, lr) {missing}")
+    return max(grid, key=lambda point: (scores[point], -point[0], -point[1]))
 
 
 def load_results(path: Path) -> list[dict]:
@@ -257,17 +314,42 @@ def summary_rows(results: list[dict], methods: list[Method]) -> list[dict]:
                      "params": f"{params / 1e6:.2f}M" if params else "–",
                      "pretrain_min": f"{statistics.fmean(pretrain_s) / 60:.1f}" if pretrain_s else "–",
                      "finetune": fmt(finetuned), "linear_probe": fmt(probed), "scratch": fmt(scratch),
-                     "beats_scratch": verdict, "_values": (finetuned, probed, scratch)})
+                     "beats_scratch": verdict, "_values": (finetuned, probed, scratch),
+                     "ceiling": fmt([r["top1"] for r in results
+                                     if r["kind"] == "ceiling" and r.get("family") == method.family])})
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| Method | Encoder | Params | Pretrain (min/seed) | Finetune top-1 | Linear probe top-1 | "
-            "Scratch top-1 | Pretraining beats scratch? |")
-    lines = [head, "|" + "---|" * 8]
+            "Scratch top-1 | Supervised ceiling (60k labels) | Pretraining beats scratch? |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(f"| {r['method']} | {r['backbone']} | {r['params']} | {r['pretrain_min']} | {r['finetune']} | "
-                     f"{r['linear_probe']} | {r['scratch']} | {r['beats_scratch']} |")
+                     f"{r['linear_probe']} | {r['scratch']} | {r.get('ceiling', '–')} | {r['beats_scratch']} |")
+    return "\n".join(lines)
+
+
+def selection_table(results: list[dict], budget: Budget) -> str:
+    """The held-out top-1 of every grid point per family, the chosen one in bold."""
+    lines = ["| Family (classifier) | " + " | ".join(f"{e} ep, lr {lr:g}" for e in budget.select_epochs
+                                                 for lr in budget.select_lrs) + " | Chosen |",
+             "|" + "---|" * (2 + len(budget.select_epochs) * len(budget.select_lrs))]
+    for family, selector in SELECTION_METHOD.items():
+        scores = {(r["epochs"], r["lr"]): r["top1"] for r in results
+                  if r["kind"] == "select" and r["family"] == family}
+        if not scores:
+            continue
+        try:
+            best = select_budget(results, family, budget)
+        except RuntimeError:
+            best = None
+        cells = []
+        for point in ((e, lr) for e in budget.select_epochs for lr in budget.select_lrs):
+            value = f"{scores[point]:.1f}" if point in scores else "–"
+            cells.append(f"**{value}**" if point == best else value)
+        chosen = f"{best[0]} epochs, lr {best[1]:g}" if best else "incomplete"
+        lines.append(f"| {family} ({METHODS[selector].label}) | " + " | ".join(cells) + f" | {chosen} |")
     return "\n".join(lines)
 
 
@@ -349,9 +431,18 @@ Compute time {sum(r["seconds"] for r in results) / 60:.0f} min (the sum over the
   decoder (MAE 75% random, SimMIM 60% of 8px units, MixMAE 50% mix, iTPN 75% + pyramid).
 - Labelled subset: a class-stratified {budget.labelled_fraction:.0%} of train ({labelled} images, the same for every
   run). Test: {test} test-split images.
-- Finetune: {budget.finetune_epochs} epochs, AdamW lr {budget.finetune_lr}, 1 warm-up epoch, cosine, the method's
+- Finetune budget (epochs, lr), chosen per encoder family on a held-out slice of {budget.heldout_images} train images
+  outside the labelled subset (never the test split): each point of the grid below finetuned from scratch (seed 0)
+  on the labelled subset; the best held-out top-1 sets the budget of both the pretrained and the scratch runs of
+  the family. Held-out top-1 (%):
+
+{selection_table(results, budget)}
+
+- Finetune: the chosen epochs and AdamW lr, 1 warm-up epoch, cosine, the method's
   official layer decay and drop path, label smoothing 0.1, RandomResizedCrop(0.5-1) + flip, no Mixup/CutMix/
   RandAugment/erasing. Scratch: the same classifier, recipe and budget from random init, without layer decay.
+- Supervised ceiling: the family's classifier from scratch on all 60,000 train labels, {budget.ceiling_epochs}
+  epochs at the family's chosen lr, seed 0, the same recipe otherwise.
 - Linear probe: {budget.probe_epochs} epochs, the method's probe feature (MAE: cls token; the others: average
   pool), BatchNorm without affine + linear head, LARS (MAE's `main_linprobe.py` recipe) at lr {budget.probe_lr}
   (MAE's effective lr at batch 16384; the /256 rule would give {0.1 * budget.batch_size / 256:g} at batch
@@ -394,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=None)
     parser.add_argument("--probe-epochs", type=int, default=None)
     parser.add_argument("--labelled-fraction", type=float, default=None)
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the supervised runs on all train labels")
     parser.add_argument("--raw-dir", default=DEFAULT_RAW_DIR, help="the Fashion-MNIST idx files")
     parser.add_argument("--work-dir", type=Path, default=None, help="runs and results.jsonl "
                         "(default outputs/reproduce_small[_quick])")
@@ -429,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = load_results(results_path)
     done = {(r["method"], r["seed"], r["kind"]) for r in results}
+    heldout = heldout_folder(work, args.raw_dir, budget.labelled_fraction, budget.heldout_images)
 
     def record(method: Method, seed: int, kind: str, seconds: float, **values) -> None:
         entry = {"method": method.name, "seed": seed, "kind": kind, "seconds": round(seconds, 1), **values}
@@ -438,6 +531,39 @@ def main(argv: list[str] | None = None) -> int:
         shown = f"top-1 {values['top1']:.2f}" if "top1" in values else "done"
         print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {method.label:10s} seed {seed} {kind:12s} "
               f"{shown} ({seconds:.0f} s)", flush=True)
+
+    chosen: dict[str, tuple[int, float]] = {}
+    for family in dict.fromkeys(m.family for m in methods):
+        selector = METHODS[SELECTION_METHOD[family]]
+        for epochs in budget.select_epochs:
+            for lr in budget.select_lrs:
+                if any(r["kind"] == "select" and r["family"] == family and (r["epochs"], r["lr"]) == (epochs, lr)
+                       for r in results):
+                    continue
+                t0 = time.perf_counter()
+                top1 = run_downstream(downstream_overrides(
+                    selector, budget, 0, work / "select" / family / f"e{epochs}_lr{lr:g}", heldout, "scratch", None,
+                    args.overrides, epochs=epochs, lr=lr))
+                entry = {"method": selector.name, "seed": 0, "kind": "select", "family": family, "epochs": epochs,
+                         "lr": lr, "top1": top1, "seconds": round(time.perf_counter() - t0, 1)}
+                append_result(results_path, entry)
+                results.append(entry)
+                print(f"[{(time.perf_counter() - start) / 60:5.1f} min] select {family:6s} {epochs} epochs lr {lr:g}: "
+                      f"held-out top-1 {top1:.2f}", flush=True)
+        chosen[family] = select_budget(results, family, budget)
+        print(f"budget for {family}: {chosen[family][0]} epochs, lr {chosen[family][1]:g}", flush=True)
+        if not args.no_ceiling and not any(r["kind"] == "ceiling" and r["family"] == family for r in results):
+            t0 = time.perf_counter()
+            top1 = run_downstream(downstream_overrides(
+                selector, budget, 0, work / "ceiling" / family, test_root, "scratch", None,
+                [*args.overrides, f"data.source.fraction={budget.ceiling_fraction}"], epochs=budget.ceiling_epochs, lr=chosen[family][1]))
+            entry = {"method": selector.name, "seed": 0, "kind": "ceiling", "family": family,
+                     "epochs": budget.ceiling_epochs, "fraction": budget.ceiling_fraction, "lr": chosen[family][1], "top1": top1,
+                     "seconds": round(time.perf_counter() - t0, 1)}
+            append_result(results_path, entry)
+            results.append(entry)
+            print(f"[{(time.perf_counter() - start) / 60:5.1f} min] ceiling {family}: all train labels, test top-1 "
+                  f"{top1:.2f}", flush=True)
 
     for seed in budget.seeds:
         for method in methods:
@@ -451,12 +577,14 @@ def main(argv: list[str] | None = None) -> int:
                 if (method.name, seed, kind) in done:
                     continue
                 t0 = time.perf_counter()
+                epochs, lr = (None, None) if kind == "linear_probe" else chosen[method.family]
                 top1 = run_downstream(downstream_overrides(
                     method, budget, seed, run_root / kind, test_root, kind,
-                    None if kind == "scratch" else ckpt, args.overrides))
+                    None if kind == "scratch" else ckpt, args.overrides, epochs=epochs, lr=lr))
                 params = count_parameters(method, args.overrides) if kind == "finetune" else None
                 record(method, seed, kind, time.perf_counter() - t0, top1=top1,
-                       **({"params": params} if params else {}))
+                       **({"params": params} if params else {}),
+                       **({"epochs": epochs, "lr": lr} if epochs is not None else {}))
 
     wall = time.perf_counter() - start
     command = "python scripts/reproduce_small.py " + " ".join(

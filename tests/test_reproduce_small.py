@@ -97,13 +97,43 @@ def test_quick_chain_runs_on_a_miniature_package(fashion_mnist_raw, tmp_path):
                         "--labelled-fraction", "0.5", "data.num_workers=0", "data.batch_size=4", "trainer=cpu"])
     assert code == 0
     records = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in records] == ["pretrain", "finetune", "linear_probe", "scratch"]
-    assert all(0.0 <= r["top1"] <= 100.0 for r in records[1:])
-    assert "| MAE |" in (work / "small_scale.md").read_text()
+    # The quick grid (1 epoch x lr 1e-3, 2e-3) on the held-out slice first, then the chain at the chosen budget.
+    assert [r["kind"] for r in records] == ["select", "select", "ceiling", "pretrain", "finetune", "linear_probe",
+                                            "scratch"]
+    assert [(r["family"], r["epochs"], r["lr"]) for r in records[:2]] == [("vit", 1, 1e-3), ("vit", 1, 2e-3)]
+    assert all(0.0 <= r["top1"] <= 100.0 for r in records if "top1" in r)
+    chosen = script.select_budget(records, "vit", script.Budget.quick())
+    assert {(r["epochs"], r["lr"]) for r in records if r["kind"] in ("finetune", "scratch")} == {chosen}
+    # The held-out slice is the train images outside the labelled half: disjoint from it, never the test split.
+    heldout = {p.name for p in (work / "heldout_0.5_200").rglob("*.png")}
+    labelled = {Path(s.path).name for s in FashionMNISTSource(raw_dir=str(fashion_mnist_raw), fraction=0.5).samples()}
+    assert len(heldout) == 30 and not heldout & labelled
+    report = (work / "small_scale.md").read_text()
+    assert "| MAE |" in report and "| vit (MAE) |" in report
     # A second invocation finds every run done and only rewrites the report.
     assert script.main(["--quick", "--methods", "mae", "--raw-dir", str(fashion_mnist_raw), "--work-dir",
                         str(work), "--labelled-fraction", "0.5", "data.num_workers=0", "data.batch_size=4", "trainer=cpu"]) == 0
-    assert len((work / "results.jsonl").read_text().splitlines()) == 4
+    assert len((work / "results.jsonl").read_text().splitlines()) == 7
+
+
+def test_budget_selection_picks_the_best_heldout_point_and_breaks_ties_towards_less():
+    script = load_script()
+    budget = script.Budget(seeds=[0], select_epochs=[10, 30], select_lrs=[1e-3, 2e-3])
+
+    def runs(scores, family="swin"):
+        return [dict(kind="select", family=family, epochs=e, lr=lr, top1=t) for (e, lr), t in scores.items()]
+
+    scores = {(10, 1e-3): 80.0, (10, 2e-3): 83.0, (30, 1e-3): 85.0, (30, 2e-3): 84.0}
+    assert script.select_budget(runs(scores), "swin", budget) == (30, 1e-3)
+    # Other families' runs and the finetune / test results never enter the choice.
+    noise = runs({(10, 1e-3): 99.0}, "vit") + [dict(kind="finetune", family="swin", epochs=10, lr=1e-3, top1=99.0)]
+    assert script.select_budget(runs(scores) + noise, "swin", budget) == (30, 1e-3)
+    tie = {(10, 1e-3): 85.0, (10, 2e-3): 85.0, (30, 1e-3): 85.0, (30, 2e-3): 85.0}
+    assert script.select_budget(runs(tie), "swin", budget) == (10, 1e-3)
+    with pytest.raises(RuntimeError, match=r"no held-out result"):
+        script.select_budget(runs({(10, 1e-3): 80.0}), "swin", budget)
+    table = script.selection_table(runs(scores), budget)
+    assert "| swin (SimMIM) | 80.0 | 83.0 | **85.0** | 84.0 | 30 epochs, lr 0.001 |" in table
 
 
 @pytest.mark.slow
@@ -115,5 +145,6 @@ def test_quick_mode_all_methods(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "work" / "results.jsonl").read_text().splitlines()]
     assert {(r["method"], r["kind"]) for r in records} == {
-        (m, k) for m in ("mae", "simmim", "mixmae", "itpn") for k in ("pretrain", "finetune", "linear_probe", "scratch")}
+        (m, k) for m in ("mae", "simmim", "mixmae", "itpn") for k in ("pretrain", "finetune", "linear_probe", "scratch")
+    } | {(m, k) for m in ("mae", "simmim", "itpn") for k in ("select", "ceiling")}
     assert (tmp_path / "work" / "small_scale.png").is_file()
