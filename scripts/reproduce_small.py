@@ -125,6 +125,10 @@ class Budget:
     ceiling_epochs: int = 10
     ceiling_fraction: float = 1.0
 
+    def select_grid(self) -> list[tuple[int, float]]:
+        """The (epochs, lr) points of the budget selection, epochs-major."""
+        return [(epochs, lr) for epochs in self.select_epochs for lr in self.select_lrs]
+
     @classmethod
     def full(cls) -> Budget:
         return cls(seeds=[0, 1, 2])
@@ -184,13 +188,18 @@ def test_folder(work_dir: Path, raw_dir: str, test_images: int | None) -> Path:
     if (subset / ".complete").is_file():
         return subset
     samples = ClassFolderSource(str(full)).samples()
-    for sample in stratified_subset(samples, min(1.0, test_images / len(samples)), seed=0):
-        link = subset / Path(sample.path).parent.name / Path(sample.path).name
+    return link_subset(subset, stratified_subset(samples, min(1.0, test_images / len(samples)), seed=0))
+
+
+def link_subset(folder: Path, samples: list) -> Path:
+    """``folder`` as class folders of symlinks to ``samples``, marked complete once every link is written."""
+    for sample in samples:
+        link = folder / Path(sample.path).parent.name / Path(sample.path).name
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(sample.path)
-    (subset / ".complete").write_text("done\n")
-    return subset
+    (folder / ".complete").write_text("done\n")
+    return folder
 
 
 def heldout_folder(work_dir: Path, raw_dir: str, labelled_fraction: float, images: int) -> Path:
@@ -207,20 +216,19 @@ def heldout_folder(work_dir: Path, raw_dir: str, labelled_fraction: float, image
     rest = [s for s in ClassFolderSource(str(export_split(raw_dir, "train"))).samples() if s.path not in labelled]
     if not rest:
         raise SystemExit("the labelled subset is the whole train split: no images are left for a held-out slice")
-    for sample in stratified_subset(rest, min(1.0, images / len(rest)), seed=1):
-        link = folder / Path(sample.path).parent.name / Path(sample.path).name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(sample.path)
-    (folder / ".complete").write_text("done\n")
-    return folder
+    return link_subset(folder, stratified_subset(rest, min(1.0, images / len(rest)), seed=1))
+
+
+def selection_scores(results: list[dict], family: str) -> dict[tuple[int, float], float]:
+    """Held-out top-1 of ``family``'s selection runs by (epochs, lr)."""
+    return {(r["epochs"], r["lr"]): r["top1"] for r in results if r["kind"] == "select" and r["family"] == family}
 
 
 def select_budget(results: list[dict], family: str, budget: Budget) -> tuple[int, float]:
     """The (epochs, lr) of ``family`` with the best held-out top-1 among the grid's selection runs; ties go to
     fewer epochs, then the smaller lr. Raises when a grid point has not run."""
-    scores = {(r["epochs"], r["lr"]): r["top1"] for r in results if r["kind"] == "select" and r["family"] == family}
-    grid = [(e, lr) for e in budget.select_epochs for lr in budget.select_lrs]
+    scores = selection_scores(results, family)
+    grid = budget.select_grid()
     missing = [point for point in grid if point not in scores]
     if missing:
         raise RuntimeError(f"budget selection for {family}: no held-out result for (epochs, lr) {missing}")
@@ -326,18 +334,17 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(f"| {r['method']} | {r['backbone']} | {r['params']} | {r['pretrain_min']} | {r['finetune']} | "
-                     f"{r['linear_probe']} | {r['scratch']} | {r.get('ceiling', '–')} | {r['beats_scratch']} |")
+                     f"{r['linear_probe']} | {r['scratch']} | {r['ceiling']} | {r['beats_scratch']} |")
     return "\n".join(lines)
 
 
 def selection_table(results: list[dict], budget: Budget) -> str:
     """The held-out top-1 of every grid point per family, the chosen one in bold."""
-    lines = ["| Family (classifier) | " + " | ".join(f"{e} ep, lr {lr:g}" for e in budget.select_epochs
-                                                 for lr in budget.select_lrs) + " | Chosen |",
-             "|" + "---|" * (2 + len(budget.select_epochs) * len(budget.select_lrs))]
+    grid = budget.select_grid()
+    lines = ["| Family (classifier) | " + " | ".join(f"{e} ep, lr {lr:g}" for e, lr in grid) + " | Chosen |",
+             "|" + "---|" * (2 + len(grid))]
     for family, selector in SELECTION_METHOD.items():
-        scores = {(r["epochs"], r["lr"]): r["top1"] for r in results
-                  if r["kind"] == "select" and r["family"] == family}
+        scores = selection_scores(results, family)
         if not scores:
             continue
         try:
@@ -345,7 +352,7 @@ def selection_table(results: list[dict], budget: Budget) -> str:
         except RuntimeError:
             best = None
         cells = []
-        for point in ((e, lr) for e in budget.select_epochs for lr in budget.select_lrs):
+        for point in grid:
             value = f"{scores[point]:.1f}" if point in scores else "–"
             cells.append(f"**{value}**" if point == best else value)
         chosen = f"{best[0]} epochs, lr {best[1]:g}" if best else "incomplete"
@@ -529,41 +536,31 @@ def main(argv: list[str] | None = None) -> int:
         results.append(entry)
         done.add((method.name, seed, kind))
         shown = f"top-1 {values['top1']:.2f}" if "top1" in values else "done"
+        budget_run = f" [{values['epochs']} epochs, lr {values['lr']:g}]" if "epochs" in values else ""
         print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {method.label:10s} seed {seed} {kind:12s} "
-              f"{shown} ({seconds:.0f} s)", flush=True)
+              f"{shown}{budget_run} ({seconds:.0f} s)", flush=True)
 
     chosen: dict[str, tuple[int, float]] = {}
     for family in dict.fromkeys(m.family for m in methods):
         selector = METHODS[SELECTION_METHOD[family]]
-        for epochs in budget.select_epochs:
-            for lr in budget.select_lrs:
-                if any(r["kind"] == "select" and r["family"] == family and (r["epochs"], r["lr"]) == (epochs, lr)
-                       for r in results):
-                    continue
-                t0 = time.perf_counter()
-                top1 = run_downstream(downstream_overrides(
-                    selector, budget, 0, work / "select" / family / f"e{epochs}_lr{lr:g}", heldout, "scratch", None,
-                    args.overrides, epochs=epochs, lr=lr))
-                entry = {"method": selector.name, "seed": 0, "kind": "select", "family": family, "epochs": epochs,
-                         "lr": lr, "top1": top1, "seconds": round(time.perf_counter() - t0, 1)}
-                append_result(results_path, entry)
-                results.append(entry)
-                print(f"[{(time.perf_counter() - start) / 60:5.1f} min] select {family:6s} {epochs} epochs lr {lr:g}: "
-                      f"held-out top-1 {top1:.2f}", flush=True)
+        for epochs, lr in budget.select_grid():
+            if (epochs, lr) in selection_scores(results, family):
+                continue
+            t0 = time.perf_counter()
+            top1 = run_downstream(downstream_overrides(
+                selector, budget, 0, work / "select" / family / f"e{epochs}_lr{lr:g}", heldout, "scratch", None,
+                args.overrides, epochs=epochs, lr=lr))
+            record(selector, 0, "select", time.perf_counter() - t0, family=family, epochs=epochs, lr=lr, top1=top1)
         chosen[family] = select_budget(results, family, budget)
         print(f"budget for {family}: {chosen[family][0]} epochs, lr {chosen[family][1]:g}", flush=True)
         if not args.no_ceiling and not any(r["kind"] == "ceiling" and r["family"] == family for r in results):
+            epochs, lr = budget.ceiling_epochs, chosen[family][1]
             t0 = time.perf_counter()
             top1 = run_downstream(downstream_overrides(
                 selector, budget, 0, work / "ceiling" / family, test_root, "scratch", None,
-                [*args.overrides, f"data.source.fraction={budget.ceiling_fraction}"], epochs=budget.ceiling_epochs, lr=chosen[family][1]))
-            entry = {"method": selector.name, "seed": 0, "kind": "ceiling", "family": family,
-                     "epochs": budget.ceiling_epochs, "fraction": budget.ceiling_fraction, "lr": chosen[family][1], "top1": top1,
-                     "seconds": round(time.perf_counter() - t0, 1)}
-            append_result(results_path, entry)
-            results.append(entry)
-            print(f"[{(time.perf_counter() - start) / 60:5.1f} min] ceiling {family}: all train labels, test top-1 "
-                  f"{top1:.2f}", flush=True)
+                [*args.overrides, f"data.source.fraction={budget.ceiling_fraction}"], epochs=epochs, lr=lr))
+            record(selector, 0, "ceiling", time.perf_counter() - t0, family=family, epochs=epochs, lr=lr,
+                   fraction=budget.ceiling_fraction, top1=top1)
 
     for seed in budget.seeds:
         for method in methods:
