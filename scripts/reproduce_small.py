@@ -155,13 +155,15 @@ def pretrain_overrides(method: Method, budget: Budget, seed: int, run_dir: Path,
 
 def downstream_overrides(method: Method, budget: Budget, seed: int, run_dir: Path, test_root: Path,
                          kind: str, pretrained: Path | None, extra: list[str], epochs: int | None = None,
-                         lr: float | None = None) -> list[str]:
-    """One finetune / probe run; ``epochs`` and ``lr`` (finetune only) default to the budget's."""
+                         lr: float | None = None, fraction: float | None = None) -> list[str]:
+    """One finetune / probe run; ``epochs``, ``lr`` (finetune only) and the labelled ``fraction`` of the train
+    split default to the budget's."""
     if epochs is None:
         epochs = budget.probe_epochs if kind == "linear_probe" else budget.finetune_epochs
     lr = budget.finetune_lr if lr is None else lr
+    fraction = budget.labelled_fraction if fraction is None else fraction
     overrides = [f"method={method.name}", *method.backbone, *common_overrides(budget), *method.finetune,
-                 f"data.source.fraction={budget.labelled_fraction}", f"val_root={test_root}",
+                 f"data.source.fraction={fraction}", f"val_root={test_root}",
                  f"mode={'linear_probe' if kind == 'linear_probe' else 'finetune'}",
                  f"pretrained={pretrained if pretrained is not None else 'null'}",
                  f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={epochs}",
@@ -558,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             top1 = run_downstream(downstream_overrides(
                 selector, budget, 0, work / "ceiling" / family, test_root, "scratch", None,
-                [*args.overrides, f"data.source.fraction={budget.ceiling_fraction}"], epochs=epochs, lr=lr))
+                args.overrides, epochs=epochs, lr=lr, fraction=budget.ceiling_fraction))
             record(selector, 0, "ceiling", time.perf_counter() - t0, family=family, epochs=epochs, lr=lr,
                    fraction=budget.ceiling_fraction, top1=top1)
 
