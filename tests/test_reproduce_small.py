@@ -99,7 +99,14 @@ def test_quick_chain_runs_on_a_miniature_package(fashion_mnist_raw, tmp_path):
     records = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
     # The quick grid (1 epoch x lr 1e-3, 2e-3) on the held-out slice first, then the chain at the chosen budget.
     assert [r["kind"] for r in records] == ["select", "select", "ceiling", "pretrain", "finetune", "linear_probe",
-                                            "scratch"]
+                                            "scratch"] + ["curve"] * 5
+    # The learning curve: probe and kNN after 0 (random init), 1 and 2 pretraining epochs; the probe after the
+    # whole (2-epoch) pretraining is the linear_probe run itself.
+    assert [(r["at"], r["metric"]) for r in records[7:]] == [(0, "linear_probe"), (0, "knn"), (1, "linear_probe"),
+                                                            (1, "knn"), (2, "knn")]
+    snapshots = script.epoch_snapshots(work / "seed0" / "mae" / "pretrain" / "checkpoints")
+    assert sorted(snapshots) == [1, 2]
+    assert records[3]["epochs"] == 2 and records[3]["final_loss"] > 0
     assert [(r["family"], r["epochs"], r["lr"]) for r in records[:2]] == [("vit", 1, 1e-3), ("vit", 1, 2e-3)]
     assert all(0.0 <= r["top1"] <= 100.0 for r in records if "top1" in r)
     chosen = script.select_budget(records, "vit", script.Budget.quick())
@@ -109,11 +116,23 @@ def test_quick_chain_runs_on_a_miniature_package(fashion_mnist_raw, tmp_path):
     labelled = {Path(s.path).name for s in FashionMNISTSource(raw_dir=str(fashion_mnist_raw), fraction=0.5).samples()}
     assert len(heldout) == 30 and not heldout & labelled
     report = (work / "small_scale.md").read_text()
-    assert "| MAE |" in report and "| vit (MAE) |" in report
+    assert "| MAE |" in report and "| vit (MAE) |" in report and "## Learning curves" in report
+    assert (work / "small_scale_curves.png").stat().st_size > 1000
     # A second invocation finds every run done and only rewrites the report.
     assert script.main(["--quick", "--methods", "mae", "--raw-dir", str(fashion_mnist_raw), "--work-dir",
                         str(work), "--labelled-fraction", "0.5", "data.num_workers=0", "data.batch_size=4", "trainer=cpu"]) == 0
-    assert len((work / "results.jsonl").read_text().splitlines()) == 7
+    assert len((work / "results.jsonl").read_text().splitlines()) == 12
+
+
+def test_readme_commands_parse():
+    """The README's ``reproduce_small.py`` commands (which the README test does not run) name real flags."""
+    script = load_script()
+    readme = (REPO / "README.md").read_text()
+    commands = [line.split("#")[0].split() for line in readme.splitlines()
+                if line.startswith("python scripts/reproduce_small.py")]
+    assert len(commands) >= 4
+    for words in commands:
+        script.build_parser().parse_args(words[2:])  # argparse exits on an unknown flag
 
 
 def test_budget_selection_picks_the_best_heldout_point_and_breaks_ties_towards_less():
@@ -145,6 +164,7 @@ def test_quick_mode_all_methods(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "work" / "results.jsonl").read_text().splitlines()]
     assert {(r["method"], r["kind"]) for r in records} == {
-        (m, k) for m in ("mae", "simmim", "mixmae", "itpn") for k in ("pretrain", "finetune", "linear_probe", "scratch")
+        (m, k) for m in ("mae", "simmim", "mixmae", "itpn") for k in ("pretrain", "finetune", "linear_probe", "scratch", "curve")
     } | {(m, k) for m in ("mae", "simmim", "itpn") for k in ("select", "ceiling")}
     assert (tmp_path / "work" / "small_scale.png").is_file()
+    assert (tmp_path / "work" / "small_scale_curves.png").is_file()
